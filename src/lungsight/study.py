@@ -1,0 +1,88 @@
+"""The :class:`Study`: what every reader returns and everything downstream consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Modality = Literal["CT", "XR"]
+Intensity = Literal["hu", "grey8", "grey16"]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A series found next to the one that was loaded (only non-identifying fields)."""
+
+    series_uid: str
+    modality: str
+    n_images: int
+    description: str = ""
+    orientation: str = ""  # "axial", "coronal", "sagittal", "oblique" or ""
+
+
+@dataclass
+class Study:
+    """One patient study, de-identified, with pixels in a documented unit.
+
+    Attributes:
+        pixels: ``(n_slices, height, width)`` float32 array. For ``intensity == "hu"`` the values are Hounsfield units;
+            for ``"grey8"`` they are 0–255 display values; for ``"grey16"`` they are raw 16-bit detector/display values.
+            Slices are in anatomical order (sorted along the slice normal for DICOM) and rows run top to bottom as a
+            radiologist views the image.
+        modality: ``"CT"`` for a CT slice series or slice images, ``"XR"`` for a radiograph.
+        intensity: the unit of ``pixels`` (see above).
+        spacing: ``(slice, row, column)`` spacing in mm where known, otherwise ``None``.
+        slice_labels: one short, non-identifying label per slice (an image file name, or ``"slice 0007"``).
+        source_format: ``"dicom-series"``, ``"dicom"``, ``"nifti"``, ``"tiff-folder"``, ``"image"``, ``"image-folder"``.
+        metadata: technical, non-identifying metadata only (see :mod:`lungsight.io.deid`).
+        warnings: things the reader or the input contract noticed that the user should know.
+        other_series: series that were found but not loaded (multi-series DICOM folders).
+    """
+
+    pixels: np.ndarray
+    modality: Modality
+    intensity: Intensity
+    spacing: tuple[float, float, float] | None = None
+    slice_labels: list[str] = field(default_factory=list)
+    source_format: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    other_series: list[SeriesInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim == 2:
+            self.pixels = self.pixels[None]
+        if self.pixels.ndim != 3:
+            raise ValueError(f"Study.pixels must be (slices, rows, cols), got shape {self.pixels.shape}")
+        if self.pixels.dtype != np.float32:
+            self.pixels = self.pixels.astype(np.float32)
+        if not self.slice_labels:
+            self.slice_labels = [f"slice {i:04d}" for i in range(self.n_slices)]
+        if len(self.slice_labels) != self.n_slices:
+            raise ValueError("one slice label per slice is required")
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable description (no pixels, no identifying data)."""
+        return {
+            "modality": self.modality,
+            "intensity": self.intensity,
+            "source_format": self.source_format,
+            "n_slices": self.n_slices,
+            "shape": list(self.pixels.shape),
+            "spacing_mm": list(self.spacing) if self.spacing else None,
+            "metadata": self.metadata,
+            "warnings": list(self.warnings),
+            "other_series": [s.__dict__ for s in self.other_series],
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Study(modality={self.modality!r}, intensity={self.intensity!r}, slices={self.n_slices}, "
+            f"shape={tuple(self.pixels.shape)}, source={self.source_format!r})"
+        )
