@@ -1,0 +1,132 @@
+"""Grad-CAM (Selvaraju et al. 2017): where in the image the evidence for a class lies.
+
+This is the one place where lungsight hooks a network to read activations and gradients. The map of a class
+c on a target layer with activations A_k is ReLU(sum_k w_k A_k), where w_k is the spatial mean of
+d logit_c / d A_k. Maps are upsampled to the input size and normalised per image by their maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+class GradCAM:
+    """Grad-CAM on one layer of a classifier whose forward returns logits of shape (N, C).
+
+    Works on models in eval mode with frozen parameters: the input is made to require grad so that gradients
+    reach the target activation. Use as a context manager, or call :meth:`close` to remove the hooks.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module) -> None:
+        self.model = model
+        self.target_layer = target_layer
+        self._capturing = False
+        self._activation: Tensor | None = None
+        self._gradient: Tensor | None = None
+        self._tensor_hooks: list[RemovableHandle] = []
+        self._handle: RemovableHandle | None = target_layer.register_forward_hook(self._forward_hook)
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if not self._capturing or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        # Clone: a following inplace op (ReLU(inplace=True)) would otherwise overwrite the stored values.
+        # The tensor hook receives the gradient with respect to this (pre-inplace) output.
+        # A layer that runs more than once per forward pass: the last call is the one explained.
+        self._remove_tensor_hooks()
+        self._activation = output.detach().clone()
+        self._tensor_hooks.append(output.register_hook(self._gradient_hook))
+
+    def _remove_tensor_hooks(self) -> None:
+        for h in self._tensor_hooks:
+            h.remove()
+        self._tensor_hooks.clear()
+
+    def _gradient_hook(self, grad: Tensor) -> None:
+        self._gradient = grad.detach()
+
+    def __call__(self, x: Tensor, class_idx: int | Sequence[int]) -> np.ndarray:
+        """Grad-CAM maps for images ``x`` (N, C, H, W): float32 array (N, H, W) with values in [0, 1].
+
+        ``class_idx`` is one class for the whole batch or one class per image.
+        """
+        if self._handle is None:
+            raise RuntimeError("GradCAM has been closed")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Grad-CAM needs gradients: call it outside torch.inference_mode()")
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        n = x.shape[0]
+        idx = [int(class_idx)] * n if isinstance(class_idx, int) else [int(c) for c in class_idx]
+        if len(idx) != n:
+            raise ValueError(f"{len(idx)} class indices for a batch of {n} images")
+
+        inp = x.detach().requires_grad_(True)
+        self._activation = self._gradient = None
+        self._capturing = True
+        try:
+            with torch.enable_grad():
+                logits = self.model(inp)
+                if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+                    raise ValueError("the model must return logits of shape (N, C)")
+                if self._activation is None:
+                    raise RuntimeError("the target layer was not reached, or its output has no gradient")
+                rows = torch.arange(n, device=logits.device)
+                cols = torch.tensor(idx, device=logits.device)
+                score = logits[rows, cols].sum()
+                # Differentiate with respect to the input only: parameters' .grad stay untouched.
+                torch.autograd.grad(score, inp, allow_unused=True)
+        finally:
+            self._capturing = False
+            self._remove_tensor_hooks()
+
+        activation, gradient = self._activation, self._gradient
+        self._activation = self._gradient = None
+        if gradient is None:
+            gradient = torch.zeros_like(activation)
+        if activation.ndim != 4:
+            raise ValueError(f"target layer output must be (N, K, h, w), got shape {tuple(activation.shape)}")
+
+        weights = gradient.float().mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * activation.float()).sum(dim=1, keepdim=True))
+        cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.amax(dim=(1, 2), keepdim=True)
+        cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+        return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Remove the hooks from the target layer."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def cam_energy_inside(cam: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of a map's total energy (sum of its values) that lies inside a boolean mask of the same shape.
+
+    Used as the "evidence-in-lung" share. Returns ``None`` when the map has no energy (all zero).
+    """
+    cam = np.asarray(cam, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if cam.shape != mask.shape:
+        raise ValueError(f"map shape {cam.shape} does not match mask shape {mask.shape}")
+    values = np.clip(np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
+    total = float(values.sum())
+    if total <= 0.0:
+        return None
+    return float(values[mask].sum() / total)

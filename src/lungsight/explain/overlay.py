@@ -1,0 +1,158 @@
+"""Heat-map overlays of Grad-CAM maps on grey slices, written as small PNGs (PIL only, no matplotlib)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, features
+
+CAM_FLOOR = 0.05  # map values at or below this are left uncoloured
+OUTLINE_RGB = (255, 0, 255)  # magenta: absent from both the grey slice and the jet colour map
+PANEL_GAP = 4  # white pixels between the two panels of a saved overlay
+
+# matplotlib's "jet" segment data (x, value) per channel, evaluated here without importing matplotlib.
+_JET = {
+    "r": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "g": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    "b": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
+
+
+@lru_cache(maxsize=8)
+def _colour_table(cmap: str) -> np.ndarray:
+    """256 x 3 uint8 lookup table of a colour map; "jet" is built in, other names come from matplotlib."""
+    x = np.linspace(0.0, 1.0, 256)
+    if cmap == "jet":
+        channels = [np.interp(x, *zip(*_JET[c], strict=True)) for c in "rgb"]
+        table = np.stack(channels, axis=1)
+    else:
+        import matplotlib
+
+        table = matplotlib.colormaps[cmap](x)[:, :3]
+    return np.round(table * 255.0).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _blend_table(cmap: str, alpha: float) -> np.ndarray:
+    """(256 * 256) x 3 uint8 table: row ``grey * 256 + cam`` is the blended colour (cam 0 leaves grey)."""
+    colours = _colour_table(cmap).astype(np.float32)[None, :, :]
+    grey = np.arange(256, dtype=np.float32)[:, None, None]
+    weight = np.full((1, 256, 1), alpha, dtype=np.float32)
+    weight[0, 0, 0] = 0.0
+    table = grey + weight * (colours - grey)
+    return np.clip(table + 0.5, 0, 255).astype(np.uint8).reshape(-1, 3)
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize a 2-D array to ``shape`` with torch interpolation ("bilinear" or "nearest")."""
+    if a.shape == shape:
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(t, size=shape, mode=mode, **kwargs)[0, 0].numpy()
+
+
+def _grey01(slice01: np.ndarray) -> np.ndarray:
+    s = np.asarray(slice01, dtype=np.float32)
+    if s.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {s.shape}")
+    return np.clip(np.nan_to_num(s, nan=0.0), 0.0, 1.0)
+
+
+def _outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """One-pixel inner contour of a boolean mask (resized to ``shape`` by nearest neighbour)."""
+    m = np.asarray(mask).astype(bool)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
+    m = _resize(m.astype(np.float32), shape, "nearest") > 0.5
+    p = np.pad(m, 1, mode="edge")  # the image border is not a contour
+    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~interior
+
+
+def overlay_image(
+    slice01: np.ndarray,
+    cam: np.ndarray | None,
+    *,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    mask_outline: np.ndarray | None = None,
+) -> np.ndarray:
+    """RGB uint8 image (H, W, 3) of a grey slice (values in [0, 1]), heat map blended where it exceeds 0.05.
+
+    ``cam`` (values in [0, 1], any resolution) is resized bilinearly to the slice; ``None`` gives the plain
+    slice.
+    ``mask_outline``, a boolean mask (e.g. the lungs), is drawn as a thin magenta contour.
+    """
+    grey = _grey01(slice01)
+    grey_idx = (grey * 255.0 + 0.5).astype(np.intp)
+    if cam is None:
+        out = np.repeat(grey_idx.astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        c = np.asarray(cam, dtype=np.float32)
+        if c.ndim != 2:
+            raise ValueError(f"expected a 2-D map, got shape {c.shape}")
+        c = np.clip(np.nan_to_num(_resize(c, grey.shape, "bilinear"), nan=0.0), 0.0, 1.0)
+        cam_idx = np.where(c > CAM_FLOOR, (c * 255.0 + 0.5).astype(np.intp), 0)
+        out = np.take(_blend_table(cmap, float(alpha)), grey_idx * 256 + cam_idx, axis=0)
+    if mask_outline is not None:
+        out[_outline(mask_outline, grey.shape)] = OUTLINE_RGB
+    return out
+
+
+def _caption_strip(text: str, width: int, size: int) -> Image.Image:
+    font = ImageFont.load_default(size=size) if features.check("freetype2") else ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if probe.textlength(text, font=font) > width - 8:
+        while text and probe.textlength(text + "...", font=font) > width - 8:
+            text = text[:-1]
+        text += "..."
+    _, top, _, bottom = probe.textbbox((0, 0), text, font=font)
+    height = bottom - top + 8
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(strip).text((4, 4 - top), text, fill=(0, 0, 0), font=font)
+    return strip
+
+
+def save_overlay(
+    slice01: np.ndarray,
+    cam: np.ndarray | None,
+    path: str | os.PathLike[str],
+    caption: str | None = None,
+    *,
+    alpha: float = 0.4,
+    cmap: str = "jet",
+    mask_outline: np.ndarray | None = None,
+) -> Path:
+    """Write a PNG of [slice | overlay] side by side, with an optional caption strip below; returns the path.
+
+    The image keeps the slice's resolution (no upscaling). Parent folders are created and the write is atomic.
+    """
+    path = Path(path)
+    grey = (_grey01(slice01) * 255.0 + 0.5).astype(np.uint8)
+    over = overlay_image(slice01, cam, alpha=alpha, cmap=cmap, mask_outline=mask_outline)
+    h, w = grey.shape
+    width = 2 * w + PANEL_GAP
+    panel = np.full((h, width, 3), 255, dtype=np.uint8)
+    panel[:, :w] = grey[..., None]
+    panel[:, w + PANEL_GAP :] = over
+    image = Image.fromarray(panel)
+    if caption:
+        strip = _caption_strip(caption, width, size=min(22, max(11, round(h / 28))))
+        framed = Image.new("RGB", (width, h + strip.height))
+        framed.paste(image, (0, 0))
+        framed.paste(strip, (0, h))
+        image = framed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    try:
+        image.save(tmp, format="PNG", compress_level=3)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,1 @@
+"""Slices -> probabilities -> patient decision by a named rule, with the evidence."""

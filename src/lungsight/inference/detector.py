@@ -1,0 +1,221 @@
+"""``Detector``: a study in, a patient decision with its evidence out.
+
+Steps: slice selection (paper 002) -> per-slice probabilities, computed batch by batch so that a long series never
+exists as model input all at once -> every slice -> patient rule -> Grad-CAM on the top-k slices by positive-class
+probability (the slices that drive a positive decision, and the most suspicious ones of a negative one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungsight.about import DISCLAIMER, __version__
+from lungsight.errors import InputContractError
+from lungsight.explain.gradcam import GradCAM
+from lungsight.inference.rules import RULES, apply_all_rules
+from lungsight.models.pretrained import ModelEntry, load_model
+from lungsight.preprocess.selection import select_slices
+from lungsight.preprocess.transforms import model_batch, unfit_square
+from lungsight.preprocess.window import to_unit
+from lungsight.study import Study
+
+
+@dataclass
+class Evidence:
+    """One explained slice: the windowed slice, its Grad-CAM map (both at the slice's resolution)."""
+
+    index: int
+    label: str
+    p: float
+    slice01: np.ndarray
+    cam: np.ndarray
+
+
+@dataclass
+class Prediction:
+    """The outcome of :meth:`Detector.predict`; ``result`` is exactly what ``result.json`` holds."""
+
+    result: dict[str, Any]
+    evidence: list[Evidence] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.result["decision"]["label"]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        return self.result["probabilities"]
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write result.json, report.html, overlays/ and the slice-probability plot; returns the report's path."""
+        from lungsight.inference.outputs import write_outputs
+
+        return write_outputs(self, Path(out_dir))
+
+    def __repr__(self) -> str:
+        d, s = self.result["decision"], self.result["slices"]
+        probs = ", ".join(f"{k}={v:.3f}" for k, v in self.probabilities.items())
+        return (
+            f"Prediction(label={self.label!r}, rule={d['rule']!r}, score={d['score']:.3f}, {probs}, "
+            f"slices kept {len(s['selected'])}/{s['n_total']})"
+        )
+
+
+class Detector:
+    """A trained slice classifier with its input contract and patient-decision settings.
+
+    >>> d = Detector.from_pretrained("ct-default")   # doctest: +SKIP
+    >>> d.predict(lungsight.load_study("series/"))    # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], entry: ModelEntry | None = None) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.entry = entry
+        self.classes: list[str] = list(config["classes"])
+        self.positive = self.classes.index(config["positive_class"])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "ct-default") -> Detector:
+        """Load a named model (bundled, imported or downloadable) or a ``.safetensors`` model file."""
+        model, config, entry = load_model(name_or_path)
+        return cls(model, config, entry)
+
+    def _inputs(self, unit: np.ndarray) -> torch.Tensor:
+        c = self.config
+        return model_batch(unit, c["input_size"], c["in_chans"], tuple(c["mean"]), tuple(c["std"]))
+
+    @torch.inference_mode()
+    def slice_probabilities(self, unit_slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Softmax ``(N, classes)`` for grey slices in [0, 1] of shape ``(N, H, W)``."""
+        out = [
+            torch.softmax(self.model(self._inputs(unit_slices[i : i + batch_size])), dim=1)
+            for i in range(0, len(unit_slices), batch_size)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    @torch.inference_mode()
+    def image_probabilities(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        """Softmax ``(N, classes)`` for single grey images in [0, 1] that may differ in size."""
+        out = [
+            torch.softmax(self.model(torch.cat([self._inputs(u[None]) for u in images[i : i + batch_size]])), 1)
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def explain(self, unit_slices: np.ndarray, class_idx: int | None = None) -> np.ndarray:
+        """Grad-CAM maps of ``class_idx`` (default: the positive class), at the slices' own resolution."""
+        cls = self.positive if class_idx is None else class_idx
+        with GradCAM(self.model, self.model.cam_layer) as cam:
+            maps = cam(self._inputs(unit_slices), cls)
+        return unfit_square(maps, unit_slices.shape[1], unit_slices.shape[2])
+
+    def predict(
+        self,
+        study: Study,
+        *,
+        rule: str | None = None,
+        explain: bool = True,
+        top_k: int = 4,
+        select: bool = True,
+        batch_size: int = 16,
+    ) -> Prediction:
+        """Classify every slice, decide for the patient by ``rule`` (all rules are reported), explain the top-k."""
+        if study.modality != "CT":
+            view = str(study.metadata.get("ViewPosition", "")).upper()
+            kind = "a lateral X-ray" if view in ("LL", "RL", "LAT", "LATERAL") else "an X-ray"
+            raise InputContractError(
+                f"this study is {kind} (modality {study.modality}"
+                f"{', view ' + view if view else ''}); the CT model "
+                f"{self.config['arch']!r} only reads CT slices"
+            )
+        rule = rule or self.config.get("default_rule", "threshold-10")
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        t0 = time.perf_counter()
+        window = tuple(self.config.get("window", (-1350.0, 150.0)))
+        if select:
+            selection = select_slices(study.pixels, study.intensity)
+        else:
+            from lungsight.preprocess.selection import SliceSelection
+
+            n = study.n_slices
+            selection = SliceSelection(np.ones(n, bool), np.zeros(n), None, "none", "selection disabled")
+        t_pre = time.perf_counter() - t0
+        probs = np.full((study.n_slices, len(self.classes)), np.nan, np.float32)
+        t1 = time.perf_counter()
+        kept = selection.kept_indices
+        for i in range(0, len(kept), batch_size):
+            idx = kept[i : i + batch_size]
+            probs[idx] = self.slice_probabilities(to_unit(study.pixels[idx], study.intensity, window), batch_size)
+        t_inf = time.perf_counter() - t1
+        p_pos = probs[kept, self.positive]
+        kw = {
+            "slice_threshold": self.config.get("slice_threshold", 0.5),
+            "consecutive_n": self.config.get("consecutive_n", 15),
+        }
+        rules = {name: r.to_dict() for name, r in apply_all_rules(p_pos, **kw).items()}
+        chosen = rules[rule]
+        negative = self.classes[1 - self.positive] if len(self.classes) == 2 else "not " + self.classes[self.positive]
+        decision = chosen | {"label": self.classes[self.positive] if chosen["positive"] else negative}
+        for r in rules.values():
+            r["label"] = self.classes[self.positive] if r["positive"] else negative
+        mean = probs[kept].mean(axis=0)
+        evidence: list[Evidence] = []
+        t2 = time.perf_counter()
+        if explain and top_k > 0:
+            top = [kept[j] for j in np.argsort(-p_pos, kind="stable")[:top_k]]
+            unit = to_unit(study.pixels[top], study.intensity, window)
+            cams = self.explain(unit)
+            evidence = [
+                Evidence(i, study.slice_labels[i], float(probs[i, self.positive]), unit[k], cams[k])
+                for k, i in enumerate(top)
+            ]
+        t_exp = time.perf_counter() - t2
+        entry = self.entry
+        result = {
+            "lungsight_version": __version__,
+            "disclaimer": DISCLAIMER,
+            "input": study.summary(),
+            "model": {
+                "name": entry.name if entry else self.config["arch"],
+                "arch": self.config["arch"],
+                "sha256": entry.sha256 if entry else None,
+                "classes": self.classes,
+                "input_size": self.config["input_size"],
+            },
+            "decision": decision,
+            "rules": rules,
+            "probabilities": {c: float(mean[k]) for k, c in enumerate(self.classes)},
+            "slices": {
+                "n_total": study.n_slices,
+                "selected": kept,
+                "dropped": selection.dropped_indices,
+                "selection": selection.to_dict(),
+            },
+            "slice_probabilities": [
+                {
+                    "index": i,
+                    "label": study.slice_labels[i],
+                    "selected": bool(selection.kept[i]),
+                    "p": None if np.isnan(probs[i, self.positive]) else float(probs[i, self.positive]),
+                }
+                for i in range(study.n_slices)
+            ],
+            "overlays": [],
+            "timings_s": {
+                "preprocess": t_pre,
+                "inference": t_inf,
+                "explain": t_exp,
+                "total": time.perf_counter() - t0,
+            },
+            "warnings": list(study.warnings) + ([selection.note] if selection.note else []),
+        }
+        return Prediction(result, evidence)

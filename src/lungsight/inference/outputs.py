@@ -1,0 +1,61 @@
+"""Writing a prediction to disk: result.json, overlays/, slice_probabilities.png and report.html.
+
+Only these names inside ``out_dir`` are written (atomically); nothing else in the folder is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lungsight.evaluate.plots import plot_slice_probabilities
+from lungsight.explain.overlay import save_overlay
+from lungsight.models.weights import atomic_write_text
+from lungsight.report.html import write_report
+
+DISPLAY_MIN = 256
+
+if TYPE_CHECKING:
+    from lungsight.inference.detector import Prediction
+
+
+def _display_size(slice01: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Enlarge small slices (cropped volumes, thumbnails) to at least DISPLAY_MIN pixels for the report."""
+    h, w = slice01.shape
+    scale = DISPLAY_MIN / min(h, w)
+    if scale <= 1:
+        return slice01, cam
+    size = (round(h * scale), round(w * scale))
+    both = torch.from_numpy(np.stack([slice01, cam]).astype(np.float32))[:, None]
+    big = F.interpolate(both, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+    return big[0], big[1]
+
+
+def write_outputs(pred: Prediction, out_dir: Path) -> Path:
+    """Write every output of ``pred`` into ``out_dir``; returns the path of report.html."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = pred.result
+    overlays = []
+    for ev in pred.evidence:
+        rel = f"overlays/slice_{ev.index:04d}.png"
+        slice01, cam = _display_size(ev.slice01, ev.cam)
+        save_overlay(slice01, cam, out_dir / rel, caption=f"{ev.label}  p(covid)={ev.p:.3f}")
+        overlays.append({"index": ev.index, "label": ev.label, "p": ev.p, "file": rel})
+    result["overlays"] = overlays
+    sp = result["slice_probabilities"]
+    probs = np.array([np.nan if s["p"] is None else s["p"] for s in sp], dtype=float)
+    selected = np.array([s["selected"] for s in sp], dtype=bool)
+    plot_path = plot_slice_probabilities(
+        probs,
+        selected,
+        result["rules"]["mean"]["params"].get("slice_threshold", 0.5),
+        out_dir / "slice_probabilities.png",
+        title="Per-slice probability",
+    )
+    atomic_write_text(out_dir / "result.json", json.dumps(result, indent=2))
+    return write_report(result, out_dir, figures={"Slice probabilities": plot_path})

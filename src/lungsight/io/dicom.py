@@ -1,0 +1,490 @@
+"""DICOM series folders and single DICOM files.
+
+Two passes keep memory flat: the first reads headers only (``stop_before_pixels=True``) to group files by
+SeriesInstanceUID, pick a series, check its geometry and sort it; the second decodes one file at a time into a
+preallocated float32 array. No pydicom dataset outlives the function that read it, and only whitelisted tags
+(:mod:`lungsight.io.deid`) reach the returned :class:`~lungsight.study.Study`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import UID
+
+from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
+from lungsight.study import SeriesInfo, Study
+
+logger = logging.getLogger("lungsight.io")
+
+#: DICOM modalities read as radiographs (``Study.modality == "XR"``).
+XR_MODALITIES = frozenset({"CR", "DX", "DR", "XA", "MG", "RF", "RG", "PX", "IO"})
+#: Largest angle (degrees) between the slice-position steps and the slice normal (else: gantry tilt).
+TILT_LIMIT_DEG = 1.0
+#: Largest relative deviation of one slice step from the median step.
+SPACING_TOLERANCE = 0.10
+
+#: Modality values that do not say what the image is (other, secondary capture, none): ``modality=`` decides.
+_UNLABELLED_MODALITIES = frozenset({"", "OT", "SC"})
+
+NameFn = Callable[[Path], str]
+
+
+@dataclass
+class _Header:
+    """The few header fields needed to group, check and sort (no identifying values)."""
+
+    path: Path
+    uid: str
+    modality: str
+    rows: int
+    cols: int
+    frames: int
+    samples: int
+    photometric: str
+    iop: np.ndarray | None
+    ipp: np.ndarray | None
+    instance: int | None
+    transfer_syntax: UID | None
+    gantry_tilt: float
+    pixel_spacing: tuple[float, float] | None
+    thickness: float | None
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pydicom while reading: its warnings and value-validation messages can quote header values."""
+    mode = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = mode
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> np.ndarray | None:
+    value = ds.get(keyword)
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and out.shape == (count,) and np.all(np.isfinite(out)) else None
+
+
+def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return default if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _read_header(path: Path, name: NameFn) -> _Header | None:
+    """The header of ``path``; ``None`` for a DICOM object without an image (DICOMDIR, report, RTSTRUCT)."""
+    try:
+        with _quiet():
+            ds = dcmread(path, force=False, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise InputError(
+            f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
+        ) from None
+    except Exception as exc:
+        raise InputError(f"{name(path)}: unreadable DICOM header ({type(exc).__name__})") from None
+    if ds.get("Rows") is None or ds.get("Columns") is None:
+        return None
+    spacing = _floats(ds, "PixelSpacing", 2)
+    file_meta = getattr(ds, "file_meta", None)
+    instance = _number(ds, "InstanceNumber")
+    return _Header(
+        path=path,
+        uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        modality=str(ds.get("Modality", "") or "").strip().upper()[:16],
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        frames=int(_number(ds, "NumberOfFrames", 1) or 1),
+        samples=int(_number(ds, "SamplesPerPixel", 1) or 1),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()[:16],
+        iop=_floats(ds, "ImageOrientationPatient", 6),
+        ipp=_floats(ds, "ImagePositionPatient", 3),
+        instance=None if instance is None else int(instance),
+        transfer_syntax=file_meta.get("TransferSyntaxUID") if file_meta is not None else None,
+        gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
+        thickness=_number(ds, "SliceThickness"),
+    )
+
+
+def _normal(iop: np.ndarray) -> np.ndarray:
+    normal = np.cross(iop[:3], iop[3:])
+    length = float(np.linalg.norm(normal))
+    return normal / length if length > 0 else normal
+
+
+def _orientation(iop: np.ndarray | None) -> str:
+    """Axial, coronal, sagittal or oblique, from the slice normal (LPS: x sagittal, y coronal, z axial)."""
+    if iop is None:
+        return ""
+    normal = np.abs(_normal(iop))
+    if normal.max() < math.cos(math.radians(30)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
+
+
+def _info(uid: str, headers: list[_Header]) -> SeriesInfo:
+    return SeriesInfo(
+        series_uid=series_id(uid),
+        modality=headers[0].modality,
+        n_images=sum(h.frames for h in headers),
+        orientation=_orientation(headers[0].iop),
+    )
+
+
+def _describe(info: SeriesInfo) -> str:
+    details = (info.modality, f"{info.n_images} images", info.orientation)
+    return f"{info.series_uid} ({', '.join(d for d in details if d)})"
+
+
+def _natural_key(text: str) -> list[object]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _scan(files: Sequence[Path], name: NameFn, folder: str) -> tuple[dict[str, list[_Header]], list[Path]]:
+    """Headers of ``files`` grouped by SeriesInstanceUID, and the DICOM files that hold no image."""
+    groups: dict[str, list[_Header]] = {}
+    skipped: list[Path] = []
+    for path in files:
+        header = _read_header(path, name)
+        if header is None:
+            skipped.append(path)
+            continue
+        groups.setdefault(header.uid, []).append(header)
+    if not groups:
+        detail = f" ({len(skipped)} DICOM files without pixel data)" if skipped else ""
+        raise InputError(f"{folder}: no DICOM image found{detail}")
+    logger.debug(
+        "%d DICOM images in %d series, %d without image", len(files) - len(skipped), len(groups), len(skipped)
+    )
+    return groups, skipped
+
+
+def list_dicom_series(files: Sequence[Path], name: NameFn, folder: str) -> list[SeriesInfo]:
+    """One :class:`SeriesInfo` per series in ``files``, largest first (``series_uid`` holds the short id)."""
+    groups, _ = _scan(files, name, folder)
+    infos = [_info(uid, headers) for uid, headers in groups.items()]
+    return sorted(infos, key=lambda s: (-s.n_images, s.series_uid))
+
+
+def _choose(groups: dict[str, list[_Header]], wanted: str | None, folder: str) -> str:
+    if wanted is not None:
+        key = wanted.strip()
+        for uid in groups:
+            if key == uid or key.lower() == series_id(uid):
+                return uid
+        available = ", ".join(
+            f"{series_id(uid)} ({sum(h.frames for h in hs)} images)" for uid, hs in sorted(groups.items())
+        )
+        raise InputError(f"{folder}: series_uid {key[:64]!r} not found; available series ids: {available}")
+
+    def rank(uid: str) -> tuple[bool, int, str]:
+        headers = groups[uid]
+        axial_ct = headers[0].modality == "CT" and _orientation(headers[0].iop) == "axial"
+        return (axial_ct, sum(h.frames for h in headers), series_id(uid))
+
+    return max(groups, key=rank)
+
+
+def _check_uniform(series: list[_Header], name: NameFn, max_pixels: int) -> None:
+    first = series[0]
+    for header in series:
+        if header.frames > 1:
+            raise UnsupportedInputError(
+                f"{name(header.path)}: multi-frame DICOM (NumberOfFrames {header.frames}) is not supported; "
+                "export the series as one file per slice"
+            )
+        if header.samples != 1 or header.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise UnsupportedInputError(
+                f"{name(header.path)}: colour DICOM (PhotometricInterpretation {header.photometric}) "
+                "is not supported"
+            )
+        if (header.rows, header.cols) != (first.rows, first.cols):
+            raise UnsupportedInputError(
+                f"{name(header.path)}: {header.cols}x{header.rows} pixels but {name(first.path)} has "
+                f"{first.cols}x{first.rows}; one series must have one image size"
+            )
+        if (header.iop is None) != (first.iop is None) or (
+            header.iop is not None
+            and first.iop is not None
+            and not np.allclose(header.iop, first.iop, atol=1e-3)
+        ):
+            raise UnsupportedInputError(
+                f"{name(header.path)}: ImageOrientationPatient differs from {name(first.path)} "
+                "within one series"
+            )
+        if abs(header.gantry_tilt) > 1e-3:
+            raise UnsupportedInputError(
+                f"{name(header.path)}: gantry tilt of {header.gantry_tilt:g} degrees (GantryDetectorTilt) "
+                "is not supported; reconstruct the series without tilt"
+            )
+        if header.rows * header.cols > max_pixels:
+            raise InputError(
+                f"{name(header.path)}: {header.cols}x{header.rows} pixels exceeds the limit of "
+                f"{max_pixels:,} pixels (set max_pixels)"
+            )
+    for syntax in {h.transfer_syntax for h in series if h.transfer_syntax is not None}:
+        if not syntax.is_compressed:
+            continue
+        example = next(h for h in series if h.transfer_syntax == syntax)
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise UnsupportedInputError(
+                f"{name(example.path)}: compressed transfer syntax {syntax.name} ({syntax}) cannot be "
+                "decoded by pydicom; convert the series to an uncompressed transfer syntax"
+            ) from None
+        if not decoder.is_available:
+            raise UnsupportedInputError(
+                f"{name(example.path)}: compressed transfer syntax {syntax.name} ({syntax}) cannot be "
+                f"decoded; install one of: {'; '.join(decoder.missing_dependencies)}"
+            )
+
+
+@dataclass
+class _Geometry:
+    order: list[_Header]
+    slice_spacing: float | None
+    flip_rows: bool
+    flip_cols: bool
+    warnings: list[str]
+
+
+def _geometry(series: list[_Header], name: NameFn, folder: str) -> _Geometry:
+    """Sort the slices along the slice normal and check the steps (duplicates, gaps, tilt)."""
+    notes: list[str] = []
+    iop = series[0].iop
+    if len(series) == 1:
+        return _Geometry(list(series), series[0].thickness, *_in_plane_flips(iop, notes), notes)
+    if iop is None or any(h.ipp is None for h in series):
+        if all(h.instance is not None for h in series):
+            order = sorted(series, key=lambda h: (h.instance, _natural_key(h.path.name)))
+            notes.append("no ImagePositionPatient/ImageOrientationPatient: slices ordered by InstanceNumber")
+        else:
+            order = sorted(series, key=lambda h: _natural_key(h.path.name))
+            notes.append("no ImagePositionPatient or InstanceNumber: slices ordered by file name")
+        return _Geometry(order, series[0].thickness, False, False, notes)
+
+    normal = _normal(iop)
+    positions = np.stack([h.ipp for h in series])
+    projected = positions @ normal
+    index = sorted(range(len(series)), key=lambda i: (projected[i], series[i].instance or 0))
+    steps = np.diff(projected[index])
+    if np.any(steps < 1e-3):
+        k = int(np.argmax(steps < 1e-3))
+        raise UnsupportedInputError(
+            f"{folder}: duplicated slice position in one series ({name(series[index[k]].path)} and "
+            f"{name(series[index[k + 1]].path)}); several acquisitions share a SeriesInstanceUID"
+        )
+    median = float(np.median(steps))
+    if np.any(np.abs(steps - median) > SPACING_TOLERANCE * median):
+        raise UnsupportedInputError(
+            f"{folder}: inconsistent slice spacing (steps from {steps.min():.3g} to {steps.max():.3g} mm, "
+            f"median {median:.3g} mm); slices are missing or the series mixes reconstructions"
+        )
+    moves = np.diff(positions[index], axis=0)
+    cosines = np.abs(moves @ normal) / np.linalg.norm(moves, axis=1)
+    tilt = math.degrees(math.acos(min(1.0, float(cosines.min()))))
+    if tilt > TILT_LIMIT_DEG:
+        raise UnsupportedInputError(
+            f"{folder}: gantry tilt: slice positions step {tilt:.1f} degrees off the slice normal; "
+            "reconstruct the series without tilt"
+        )
+    order = [series[i] for i in index]
+    if normal[int(np.argmax(np.abs(normal)))] < 0:
+        order.reverse()
+    return _Geometry(order, median, *_in_plane_flips(iop, notes), notes)
+
+
+def _in_plane_flips(iop: np.ndarray | None, notes: list[str]) -> tuple[bool, bool]:
+    """For axial images: flips that put patient-right on the image left and anterior at the top."""
+    if _orientation(iop) != "axial" or iop is None:
+        return False, False
+    row_dir, col_dir = iop[:3], iop[3:]
+    if np.argmax(np.abs(row_dir)) != 0 or np.argmax(np.abs(col_dir)) != 1:
+        notes.append("axial images are stored rotated by 90 degrees; shown as stored")
+        return False, False
+    flip_rows, flip_cols = bool(col_dir[1] < 0), bool(row_dir[0] < 0)
+    if flip_rows or flip_cols:
+        notes.append(
+            "stored images were mirrored; flipped to radiological display (patient right on image left)"
+        )
+    return flip_rows, flip_cols
+
+
+def _xr_values(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, bool, bool]:
+    """Modality LUT, then VOI LUT/window, then MONOCHROME1 inversion, shifted to start at 0.
+
+    Returns the values, the width of their nominal range, and whether a VOI LUT/window and an inversion
+    were applied.
+    """
+    bits = int(ds.get("BitsStored", 8 * arr.itemsize))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    modality_lut = ds.get("ModalityLUTSequence")
+    if modality_lut:
+        low, high = 0, 2 ** int(modality_lut[0].LUTDescriptor[2]) - 1
+    elif ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    values = apply_modality_lut(arr, ds)
+    voi_lut = ds.get("VOILUTSequence")
+    voi_applied = False
+    if voi_lut and voi_lut[0].get("LUTDescriptor") is not None and voi_lut[0].get("LUTData") is not None:
+        values = apply_voi_lut(values, ds, index=0)
+        low, high = 0, 2 ** int(voi_lut[0].LUTDescriptor[2]) - 1
+        voi_applied = True
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        values = apply_voi_lut(values, ds, index=0)
+        voi_applied = True
+    inverted = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    if inverted:
+        values = high + low - values
+    shifted = (np.asarray(values, dtype=np.float64) - low).astype(np.float32)
+    return shifted, float(high - low), voi_applied, inverted
+
+
+def _kind(modality: str, requested: str | None, where: str) -> str:
+    if modality == "CT":
+        return "CT"
+    if modality in XR_MODALITIES:
+        return "XR"
+    if modality in _UNLABELLED_MODALITIES and requested in ("CT", "XR"):
+        return requested
+    raise UnsupportedInputError(
+        f"{where}: Modality {modality or 'missing'} is not supported (CT, or X-ray: "
+        f"{', '.join(sorted(XR_MODALITIES))})"
+        + ("; pass modality='CT' or modality='XR' to say which" if modality in _UNLABELLED_MODALITIES else "")
+    )
+
+
+def read_dicom(
+    files: Sequence[Path],
+    name: NameFn,
+    folder: str,
+    *,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    max_pixels: int = 64_000_000,
+) -> Study:
+    """Read one series from ``files`` (a folder's DICOM files, or one file) into a :class:`Study`.
+
+    ``name`` turns a path into the name shown in messages; ``folder`` names the input as a whole.
+    """
+    groups, skipped = _scan(files, name, folder)
+    chosen = _choose(groups, series_uid, folder)
+    series = groups[chosen]
+    notes: list[str] = []
+    if skipped:
+        notes.append(
+            f"{len(skipped)} DICOM file(s) without an image were ignored (e.g. {name(skipped[0])}: "
+            "DICOMDIR, report or damaged header)"
+        )
+    others = sorted(
+        (_info(uid, headers) for uid, headers in groups.items() if uid != chosen),
+        key=lambda s: (-s.n_images, s.series_uid),
+    )
+    if others:
+        listed = ", ".join(_describe(s) for s in others)
+        notes.append(
+            f"{len(others)} other series not loaded: {listed}; loaded {series_id(chosen)} "
+            f"({len(series)} images); pass series_uid to choose another"
+        )
+
+    kind = _kind(series[0].modality, modality, name(series[0].path))
+    _check_uniform(series, name, max_pixels)
+    geometry = _geometry(series, name, folder)
+    notes.extend(geometry.warnings)
+    first = geometry.order[0]
+    pixels = np.empty((len(geometry.order), first.rows, first.cols), dtype=np.float32)
+    metadata: dict[str, object] = {}
+    voi_applied = inverted = False
+    span = 0.0
+    for k, header in enumerate(geometry.order):
+        with _quiet():
+            try:
+                ds = dcmread(header.path, force=False)
+            except Exception as exc:
+                raise InputError(
+                    f"{name(header.path)}: unreadable DICOM file ({type(exc).__name__})"
+                ) from None
+            hidden = identifying_values(ds)
+            if "PixelData" not in ds:
+                raise InputError(f"{name(header.path)}: no pixel data (truncated or damaged file)")
+            try:
+                arr = ds.pixel_array
+            except Exception as exc:
+                reason = redact(f"{type(exc).__name__}: {exc}", hidden)
+                raise InputError(f"{name(header.path)}: corrupt pixel data ({reason})") from None
+            if arr.shape != (first.rows, first.cols):
+                raise InputError(
+                    f"{name(header.path)}: decoded pixel data has shape {arr.shape}, the header says "
+                    f"{first.rows}x{first.cols}"
+                )
+            try:
+                if kind == "CT":
+                    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+                else:
+                    values, span, voi_applied, inverted = _xr_values(arr, ds)
+            except Exception as exc:
+                reason = redact(f"{type(exc).__name__}: {exc}", hidden)
+                raise InputError(
+                    f"{name(header.path)}: invalid rescale or VOI LUT attributes ({reason})"
+                ) from None
+        if geometry.flip_rows:
+            values = values[::-1]
+        if geometry.flip_cols:
+            values = values[:, ::-1]
+        pixels[k] = values
+        if k == 0:
+            metadata = whitelisted_metadata(ds)
+
+    if kind == "CT" and first.photometric == "MONOCHROME1":
+        notes.append(
+            "CT stored as MONOCHROME1: rescaled values are Hounsfield units whatever the display "
+            "polarity, so they were not inverted; check the images look right"
+        )
+    metadata.update(
+        series_id=series_id(chosen), n_slices=len(geometry.order), orientation=_orientation(first.iop)
+    )
+    if kind == "XR":
+        metadata.update(voi_lut_applied=voi_applied, monochrome1_inverted=inverted)
+        intensity = "grey8" if span <= 255 else "grey16"
+    else:
+        intensity = "hu"
+    spacing = None
+    if first.pixel_spacing is not None:
+        spacing = (float(geometry.slice_spacing or 1.0), *first.pixel_spacing)
+    return Study(
+        pixels=pixels,
+        modality=kind,  # type: ignore[arg-type]
+        intensity=intensity,  # type: ignore[arg-type]
+        spacing=spacing,
+        source_format="dicom-series" if len(files) > 1 else "dicom",
+        metadata=metadata,
+        warnings=notes,
+        other_series=others,
+    )

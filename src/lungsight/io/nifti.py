@@ -1,0 +1,88 @@
+"""NIfTI volumes (.nii, .nii.gz) as axial slices in radiological display order.
+
+The volume is reoriented to canonical RAS with :func:`nibabel.as_closest_canonical` (voxel axes
+i→patient right, j→anterior, k→superior) and then laid out as ``(slice, row, column)`` with slices running
+inferior→superior, rows anterior (top)→posterior and columns patient-right (image left)→patient-left: the
+layout of a DICOM axial series sorted along +z. Only the voxel data, the zooms and the orientation codes are
+used; the header's free-text fields (``descrip``, ``db_name``, ``aux_file``, ``intent_name``) never reach
+the Study.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.affines import obliquity
+from nibabel.filebasedimages import ImageFileError
+
+from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.study import Study
+
+
+def to_display(volume: np.ndarray) -> np.ndarray:
+    """``(i, j, k)`` canonical-RAS voxels as ``(slice, row, column)`` in radiological display order."""
+    return np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def _load_canonical(path: Path, label: str) -> tuple[nib.Nifti1Image, str]:
+    """The 3-D image reoriented to canonical RAS, and its original axis codes (e.g. "LPS")."""
+    try:
+        image = nib.load(str(path))
+        shape = image.shape
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"{label}: not a readable NIfTI file ({type(exc).__name__})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        image = image.slicer[..., 0]
+    if len(image.shape) != 3:
+        raise UnsupportedInputError(
+            f"{label}: {len(shape)}-D NIfTI of shape {tuple(shape)} is not supported; pass one 3-D volume"
+        )
+    try:
+        canonical = nib.as_closest_canonical(image)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
+    return canonical, "".join(nib.aff2axcodes(image.affine))
+
+
+def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study:
+    """Read a NIfTI CT volume (values in HU after ``scl_slope``/``scl_inter``) into a :class:`Study`."""
+    image, original_codes = _load_canonical(path, label)
+    notes: list[str] = []
+    i, j, _ = image.shape
+    if i * j > max_pixels:
+        raise InputError(
+            f"{label}: {i}x{j} pixels per slice exceeds the limit of {max_pixels:,} pixels (set max_pixels)"
+        )
+    qform_code, sform_code = int(image.header["qform_code"]), int(image.header["sform_code"])
+    if qform_code == 0 and sform_code == 0:
+        notes.append("the NIfTI header has no orientation (qform and sform codes are 0): RAS was assumed")
+    tilt = math.degrees(float(np.max(obliquity(image.affine))))
+    if tilt > 1.0:
+        notes.append(
+            f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation"
+        )
+    try:
+        data = image.get_fdata(dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
+    pixels = to_display(data)
+    del data
+    bad = ~np.isfinite(pixels)
+    if bad.any():
+        fill = float(np.min(pixels[~bad])) if (~bad).any() else -1024.0
+        pixels[bad] = fill
+        notes.append(f"{int(bad.sum())} voxels were NaN or infinite and were set to {fill:g}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return Study(
+        pixels=pixels,
+        modality="CT",
+        intensity="hu",
+        spacing=(zooms[2], zooms[1], zooms[0]),
+        source_format="nifti",
+        metadata={"n_slices": int(pixels.shape[0]), "orientation": "axial", "nifti_axcodes": original_codes},
+        warnings=notes,
+    )

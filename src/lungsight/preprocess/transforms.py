@@ -1,0 +1,81 @@
+"""Geometry and normalisation shared by training and prediction, and the training augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+
+def fit_square(unit: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``(N, H, W)`` grey images in [0, 1] to ``size`` x ``size`` (bilinear, antialiased when shrinking).
+
+    The aspect ratio is not kept: CT slices from DICOM/NIfTI are square already, and the public 8-bit slice
+    collections are tight crops of varying shape (many on a white background) whose black padding would add
+    edges that are not anatomy.
+    """
+    x = torch.as_tensor(unit, dtype=torch.float32)
+    if x.ndim == 2:
+        x = x[None]
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        x = F.interpolate(
+            x[:, None], size=(size, size), mode="bilinear", antialias=max(h, w) > size, align_corners=False
+        )[:, 0]
+    return x.clamp_(0.0, 1.0)
+
+
+def normalise(x: torch.Tensor, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``(N, S, S)`` grey in [0, 1] -> ``(N, C, S, S)`` normalised model input (grey copied to each channel)."""
+    x = x[:, None].expand(-1, in_chans, -1, -1)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def model_batch(
+    unit: np.ndarray | torch.Tensor, size: int, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """Grey slices in [0, 1] -> the normalised ``(N, C, size, size)`` tensor a model expects."""
+    return normalise(fit_square(unit, size), in_chans, mean, std)
+
+
+def augmentation(name: str) -> v2.Transform | None:
+    """Training augmentation by name, applied to ``(1, S, S)`` grey tensors in [0, 1].
+
+    * ``paper002`` - paper 002's setting: horizontal and vertical flips, rotation 0-360 degrees, zoom and shift 5 %.
+    * ``paper002+intensity`` - the same plus +/-10 % brightness and contrast jitter.
+    * ``light`` - horizontal flip, rotation +/-15 degrees, zoom and shift 10 %, +/-20 % brightness and contrast:
+      for tight 8-bit crops (covid-ct), where full rotations add black corners that are not anatomy.
+    * ``none``.
+    """
+    if name == "none":
+        return None
+    geometric = [
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomAffine(degrees=180.0, translate=(0.05, 0.05), scale=(0.95, 1.05)),
+    ]
+    if name == "paper002":
+        return v2.Compose(geometric)
+    if name == "light":
+        return v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.RandomAffine(degrees=15.0, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                v2.ColorJitter(brightness=0.2, contrast=0.2),
+            ]
+        )
+    if name == "paper002+intensity":
+        return v2.Compose([*geometric, v2.ColorJitter(brightness=0.1, contrast=0.1)])
+    raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
+AUGMENTATIONS = ("paper002", "paper002+intensity", "light", "none")
+
+
+def unfit_square(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Undo :func:`fit_square` for maps computed on the model input: ``(N, S, S)`` -> ``(N, height, width)``."""
+    x = torch.as_tensor(maps, dtype=torch.float32)[:, None]
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)[:, 0].numpy()

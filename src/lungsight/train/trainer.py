@@ -1,0 +1,353 @@
+"""Patient-grouped k-fold training with early stopping, atomic checkpoints and resume after a kill.
+
+Run folder layout (``--out``)::
+
+    run.json                 the configuration and the command line
+    fold_1/ ... fold_k/      state.pt (resumable state), best.safetensors, history.csv, predictions.csv,
+                             metrics.json, done.json (written last: the fold is complete)
+    cv_predictions.csv       out-of-fold slice probabilities of every image
+    cv_metrics.json          per-fold and mean +/- sd metrics, slice and patient level, every decision rule
+    cv_table.md, roc.png, confusion.png
+    model.safetensors        (``folds=0`` only) the model fitted on all the data
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lungsight.about import __version__
+from lungsight.errors import InputError
+from lungsight.models.registry import build_model, get_spec
+from lungsight.models.weights import atomic_torch_save, atomic_write_text, save_checkpoint
+from lungsight.preprocess.window import LUNG_WINDOW
+from lungsight.train.data import POSITIVE, Item, SliceDataset, class_names, read_labels
+from lungsight.train.splits import class_weights, patient_folds, validation_split
+
+log = logging.getLogger("lungsight.train")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str
+    out: str
+    folds: int = 5
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float = 1e-4
+    input_size: int | None = None
+    augment: str | None = None
+    pretrained: str | None = None
+    patience: int = 10
+    val_fraction: float = 0.15
+    seed: int = 0
+    workers: int = 1
+    max_patients: int | None = None
+    command: str = field(default_factory=lambda: " ".join(["lungsight", *sys.argv[1:]]))
+
+    def resolved(self) -> TrainConfig:
+        """Fill unset values from the model's paper defaults."""
+        d = get_spec(self.model).defaults
+        c = TrainConfig(**asdict(self))
+        c.epochs = c.epochs or d.get("epochs", 30)
+        c.batch_size = c.batch_size or d.get("batch_size", 16)
+        c.lr = c.lr or d.get("lr", 1e-3)
+        c.optimizer = c.optimizer or d.get("optimizer", "adamw")
+        c.augment = c.augment or d.get("augment", "paper002")
+        c.input_size = c.input_size or get_spec(self.model).input_size
+        return c
+
+
+def _optimizer(name: str, params: Any, lr: float, wd: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "nadam":
+        return torch.optim.NAdam(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    raise InputError(f"unknown optimizer {name!r}; choose adamw, adam, nadam or sgd")
+
+
+def model_config(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
+    """What a saved model needs to be served on exactly the inputs it was trained on."""
+    spec = get_spec(cfg.model)
+    return {
+        "arch": cfg.model,
+        "classes": classes,
+        "positive_class": POSITIVE if POSITIVE in classes else classes[-1],
+        "input_size": cfg.input_size,
+        "in_chans": spec.in_chans,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "window": list(LUNG_WINDOW),
+        "slice_threshold": 0.5,
+        "default_rule": "threshold-10",
+        "consecutive_n": 15,
+        "lungsight_version": __version__,
+        "training": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
+    }
+
+
+def _loader(ds: SliceDataset, batch: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=g,
+        persistent_workers=False,
+        drop_last=False,
+    )
+
+
+@torch.no_grad()
+def predict_items(model: nn.Module, ds: SliceDataset, batch: int, workers: int) -> np.ndarray:
+    """Softmax probabilities ``(n, classes)`` for every item of ``ds``, in order."""
+    model.eval()
+    out = [torch.softmax(model(x), dim=1) for x, _ in _loader(ds, batch, False, workers, 0)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(ds.index)))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
+
+
+class FoldTrainer:
+    """Trains one model on ``train_idx``, early-stopping on ``val_idx``; resumable from ``fold_dir/state.pt``."""
+
+    def __init__(self, cfg: TrainConfig, items: list[Item], classes: list[str], fold_dir: Path) -> None:
+        self.cfg, self.items, self.classes, self.dir = cfg, items, classes, fold_dir
+        spec = get_spec(cfg.model)
+        self.spec = spec
+        self.make_ds = lambda idx, aug: SliceDataset(
+            [items[i] for i in idx], classes, cfg.input_size, spec.in_chans, spec.mean, spec.std, aug
+        )
+
+    def fit(self, train_idx: np.ndarray, val_idx: np.ndarray | None, tag: str) -> nn.Module:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, len(self.classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        weights = torch.tensor(class_weights(self.items, train_idx, self.classes), dtype=torch.float32)
+        loss_fn = nn.CrossEntropyLoss(weight=weights)
+        state_path, best_path = self.dir / "state.pt", self.dir / "best.safetensors"
+        st = {"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+        if state_path.exists():
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            st = saved["progress"]
+            print(f"[{tag}] resuming after epoch {st['epoch']}", flush=True)
+        train_ds = self.make_ds(train_idx, cfg.augment)
+        val_ds = self.make_ds(val_idx, "none") if val_idx is not None and len(val_idx) else None
+        y_val = np.array([self.classes.index(self.items[i].label) for i in val_idx]) if val_ds else None
+        pos = len(self.classes) - 1
+        for epoch in range(st["epoch"] + 1, cfg.epochs + 1):
+            if st["bad_epochs"] >= cfg.patience:
+                break
+            t0 = time.perf_counter()
+            model.train()
+            total, n = 0.0, 0
+            loader = _loader(train_ds, cfg.batch_size, True, cfg.workers, cfg.seed * 1000 + epoch)
+            bar = tqdm(loader, desc=f"[{tag}] epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+            for x, y in bar:
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(y)
+                n += len(y)
+                bar.set_postfix(loss=f"{total / n:.4f}")
+            sched.step()
+            row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
+            if val_ds is not None:
+                pv = predict_items(model, val_ds, cfg.batch_size, cfg.workers)
+                row["val_loss"] = float(
+                    nn.functional.nll_loss(torch.log(torch.tensor(pv) + 1e-8), torch.tensor(y_val), weight=weights)
+                )
+                row["val_auc"] = _auc((y_val == pos).astype(int), pv[:, pos])
+                score = row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
+            else:
+                score = epoch  # no validation: the last epoch is the model
+            row["seconds"] = time.perf_counter() - t0
+            st["history"].append(row)
+            st["epoch"] = epoch
+            if score > st["best_score"]:
+                st.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                save_checkpoint(model, model_config(cfg, self.classes) | {"epoch": epoch}, best_path)
+            else:
+                st["bad_epochs"] += 1
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "progress": st,
+                },
+                state_path,
+            )
+            _write_history(self.dir / "history.csv", st["history"])
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",))
+            print(f"[{tag}] epoch {epoch}/{cfg.epochs}: {shown}", flush=True)
+        from lungsight.models.weights import read_checkpoint
+
+        state, _ = read_checkpoint(best_path)
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _write_predictions(
+    path: Path, items: list[Item], idx: np.ndarray, probs: np.ndarray, fold: int, classes: list[str]
+) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "file": str(items[i].path),
+            "patient_id": items[i].patient_id,
+            "label": items[i].label,
+            "fold": fold,
+            "p": float(probs[j, -1]),
+            **{f"p_{c}": float(probs[j, k]) for k, c in enumerate(classes)},
+        }
+        for j, i in enumerate(idx)
+    ]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return rows
+
+
+def _subset_patients(items: list[Item], max_patients: int | None, seed: int) -> list[Item]:
+    if not max_patients:
+        return items
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[str]] = {}
+    for it in items:
+        by_label.setdefault(it.label, [])
+        if it.patient_id not in by_label[it.label]:
+            by_label[it.label].append(it.patient_id)
+    keep: set[str] = set()
+    for pats in by_label.values():
+        keep |= set(rng.permutation(pats)[: max(2, max_patients // len(by_label))].tolist())
+    return [it for it in items if it.patient_id in keep]
+
+
+def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
+    """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration."""
+    out = Path(cfg.out)
+    run_json = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue it or a new --out")
+        if not run_json.exists():
+            raise InputError(f"{out}: not a lungsight run folder (no run.json); refusing to write into it")
+        previous = json.loads(run_json.read_text())
+        keys = (
+            "data",
+            "model",
+            "folds",
+            "epochs",
+            "batch_size",
+            "lr",
+            "optimizer",
+            "input_size",
+            "augment",
+            "seed",
+        )
+        changed = [k for k in keys if previous.get(k) != asdict(cfg).get(k)]
+        if changed:
+            raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_json, json.dumps(asdict(cfg), indent=2))
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run cross-validation (``folds >= 2``) or a final fit on all data (``folds == 0``). Returns the summary."""
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = cfg.resolved()
+    items = _subset_patients(read_labels(Path(cfg.data)), cfg.max_patients, cfg.seed)
+    classes = class_names(items)
+    if len(classes) < 2:
+        raise InputError(f"{cfg.data}: need at least two labels, found {classes}")
+    out = prepare_run(cfg, resume)
+    n_pat = len({it.patient_id for it in items})
+    print(
+        f"{len(items)} images, {n_pat} patients, classes {classes}; model {cfg.model} at {cfg.input_size}px",
+        flush=True,
+    )
+    if cfg.folds == 0:
+        trainer = FoldTrainer(cfg, items, classes, out / "full")
+        (out / "full").mkdir(exist_ok=True)
+        model = trainer.fit(np.arange(len(items)), None, "all data")
+        save_checkpoint(model, model_config(cfg, classes), out / "model.safetensors")
+        print(f"model written to {out / 'model.safetensors'}", flush=True)
+        return {"model": str(out / "model.safetensors")}
+    all_rows: list[dict[str, Any]] = []
+    for k, (train_idx, test_idx) in enumerate(patient_folds(items, cfg.folds, cfg.seed), start=1):
+        fold_dir = out / f"fold_{k}"
+        fold_dir.mkdir(exist_ok=True)
+        done = fold_dir / "done.json"
+        if done.exists():
+            print(f"[fold {k}/{cfg.folds}] already complete", flush=True)
+            with open(fold_dir / "predictions.csv", newline="") as f:
+                all_rows += [dict(r) for r in csv.DictReader(f)]
+            continue
+        tr, va = validation_split(items, train_idx, cfg.val_fraction, cfg.seed + k)
+        tag = f"fold {k}/{cfg.folds}"
+        print(f"[{tag}] train {len(tr)} / val {len(va)} / test {len(test_idx)} images", flush=True)
+        model = FoldTrainer(cfg, items, classes, fold_dir).fit(tr, va, tag)
+        test_ds = SliceDataset(
+            [items[i] for i in test_idx],
+            classes,
+            cfg.input_size,
+            get_spec(cfg.model).in_chans,
+            get_spec(cfg.model).mean,
+            get_spec(cfg.model).std,
+            "none",
+        )
+        probs = predict_items(model, test_ds, cfg.batch_size, cfg.workers)
+        rows = _write_predictions(fold_dir / "predictions.csv", items, test_idx, probs, k, classes)
+        all_rows += rows
+        atomic_write_text(done, json.dumps({"fold": k, "n_test": len(test_idx)}))
+    from lungsight.train.report import write_cv_report
+
+    return write_cv_report(out, all_rows, classes, cfg)

@@ -1,0 +1,199 @@
+"""Grad-CAM maps, evidence-in-mask share and slice overlays, on tiny hand-made networks."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lungsight.explain import GradCAM, cam_energy_inside, overlay_image, save_overlay
+from lungsight.explain.overlay import OUTLINE_RGB, PANEL_GAP
+
+
+class TinyCNN(nn.Module):
+    """conv -> relu -> conv (target, stride 2) -> relu -> global average pool -> linear."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=inplace)
+        self.target = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU(inplace=inplace)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu2(self.target(self.relu1(self.conv1(x))))
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+class QuadrantNet(nn.Module):
+    """Class-1 logit = mean of target channel 0 (= input); class-0 logit = mean of channel 1 (= 1 - input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(2)
+        self.target = nn.Conv2d(1, 2, 1)
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.target.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.target.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.fc.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.target(self.pool(x))).mean(dim=(2, 3)))
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _quadrant_input(value: float = 1.0) -> tuple[torch.Tensor, np.ndarray]:
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., :16, :16] = value
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[:16, :16] = True
+    return x, mask
+
+
+def test_shape_range_and_dtype() -> None:
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.rand(2, 1, 32, 40)
+    with GradCAM(model, model.target) as cam:
+        maps = cam(x, [0, 2])
+    assert maps.shape == (2, 32, 40)
+    assert maps.dtype == np.float32
+    assert np.isfinite(maps).all()
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    for m in maps:
+        assert m.max() == pytest.approx(1.0) or m.max() == 0.0
+
+
+def test_class_index_count_must_match_batch() -> None:
+    model = TinyCNN().eval()
+    with GradCAM(model, model.target) as cam, pytest.raises(ValueError):
+        cam(torch.rand(2, 1, 16, 16), [0, 1, 2])
+
+
+def test_quadrant_evidence_is_where_the_activation_is() -> None:
+    model = _frozen(QuadrantNet())
+    x, mask = _quadrant_input()
+    with GradCAM(model, model.target) as cam:
+        covid = cam(x, 1)[0]
+        other = cam(x, 0)[0]
+    assert cam_energy_inside(covid, mask) > 0.9
+    assert cam_energy_inside(other, mask) < 0.1
+    assert covid[:16, :16].max() == pytest.approx(1.0)
+
+
+def test_all_zero_map_stays_zero() -> None:
+    model = _frozen(QuadrantNet())
+    x, _ = _quadrant_input(value=0.0)
+    with GradCAM(model, model.target) as cam:
+        m = cam(x, 1)
+    assert np.isfinite(m).all()
+    assert not m.any()
+    assert cam_energy_inside(m[0], np.ones((32, 32), dtype=bool)) is None
+
+
+def test_frozen_model_works_and_parameters_get_no_grad() -> None:
+    torch.manual_seed(1)
+    frozen = _frozen(TinyCNN())
+    with GradCAM(frozen, frozen.target) as cam:
+        assert cam(torch.rand(1, 1, 24, 24), 1).max() > 0
+    trainable = TinyCNN().eval()
+    trainable.load_state_dict(frozen.state_dict())
+    x = torch.rand(1, 1, 24, 24)
+    with GradCAM(trainable, trainable.target) as cam:
+        cam(x, 1)
+    assert all(p.grad is None for p in trainable.parameters())
+
+
+def test_inplace_relu_after_target_gives_same_map() -> None:
+    torch.manual_seed(2)
+    inplace = TinyCNN(inplace=True).eval()
+    plain = TinyCNN(inplace=False).eval()
+    plain.load_state_dict(inplace.state_dict())
+    x = torch.rand(3, 1, 20, 20)
+    with GradCAM(inplace, inplace.target) as a, GradCAM(plain, plain.target) as b:
+        np.testing.assert_allclose(a(x, 1), b(x, 1), atol=1e-6)
+
+
+def test_hooks_removed_after_close_and_ordinary_forward_unaffected() -> None:
+    model = TinyCNN().eval()
+    cam = GradCAM(model, model.target)
+    assert len(model.target._forward_hooks) == 1
+    with torch.no_grad():
+        model(torch.rand(1, 1, 16, 16))  # a normal inference pass while the hook is in place
+    cam.close()
+    assert len(model.target._forward_hooks) == 0
+    with pytest.raises(RuntimeError):
+        cam(torch.rand(1, 1, 16, 16), 0)
+    with GradCAM(model, model.target):
+        assert len(model.target._forward_hooks) == 1
+    assert len(model.target._forward_hooks) == 0
+
+
+def test_cam_energy_inside_hand_computed() -> None:
+    cam = np.array([[1.0, 0.0], [0.0, 3.0]])
+    assert cam_energy_inside(cam, np.array([[True, False], [False, False]])) == pytest.approx(0.25)
+    assert cam_energy_inside(cam, np.array([[False, False], [False, True]])) == pytest.approx(0.75)
+    assert cam_energy_inside(cam, np.ones((2, 2), dtype=bool)) == pytest.approx(1.0)
+    assert cam_energy_inside(cam, np.zeros((2, 2), dtype=bool)) == 0.0
+    with_nan = np.array([[np.nan, 1.0], [1.0, 0.0]])
+    assert cam_energy_inside(with_nan, np.array([[True, True], [False, False]])) == pytest.approx(0.5)
+    assert cam_energy_inside(np.zeros((2, 2)), np.ones((2, 2), dtype=bool)) is None
+    with pytest.raises(ValueError):
+        cam_energy_inside(cam, np.ones((3, 3), dtype=bool))
+
+
+def test_overlay_colours_only_where_the_map_is_hot() -> None:
+    grey = np.full((8, 8), 0.5, dtype=np.float32)
+    plain = overlay_image(grey, None)
+    assert plain.shape == (8, 8, 3) and plain.dtype == np.uint8
+    assert (plain == 128).all()
+    cam = np.zeros((4, 4), dtype=np.float32)
+    cam[:2, :2] = 1.0  # lower resolution than the slice: resized bilinearly
+    out = overlay_image(grey, cam)
+    assert out.shape == (8, 8, 3)
+    assert (out[6:, 6:] == 128).all()  # cold corner untouched
+    hot = out[0, 0].astype(int)
+    assert hot[0] > hot[2] and not (hot == 128).all()  # jet red blended in
+
+
+def test_overlay_mask_outline_is_a_thin_contour() -> None:
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[4:12, 4:12] = True
+    out = overlay_image(np.zeros((16, 16)), None, mask_outline=mask)
+    drawn = (out == OUTLINE_RGB).all(axis=2)
+    assert drawn[4, 4:12].all() and drawn[11, 4:12].all() and drawn[4:12, 4].all()
+    assert not drawn[5:11, 5:11].any() and not drawn[~mask].any()
+
+
+def test_save_overlay_layout_atomic_and_fast(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    slice01 = rng.random((64, 48), dtype=np.float32)
+    path = save_overlay(slice01, rng.random((8, 6)), tmp_path / "a" / "b" / "slice.png")
+    with Image.open(path) as im:
+        assert im.size == (2 * 48 + PANEL_GAP, 64) and im.mode == "RGB"
+    captioned = save_overlay(slice01, None, tmp_path / "c.png", caption="slice 0003 · p = 0.91")
+    with Image.open(captioned) as im:
+        assert im.size[0] == 2 * 48 + PANEL_GAP and im.size[1] > 64
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["c.png", "slice.png"]
+
+    big = rng.random((512, 512), dtype=np.float32)
+    cam = rng.random((16, 16), dtype=np.float32)
+    save_overlay(big, cam, tmp_path / "big.png", caption="warm-up")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        save_overlay(big, cam, tmp_path / "big.png", caption="slice 0100 · p = 0.97")
+        times.append(time.perf_counter() - t0)
+    assert min(times) < 0.25  # about 40 ms on an idle core; generous because CI cores are shared

@@ -1,0 +1,356 @@
+"""DICOM reading on the real 20-slice CT series and on modified copies of it."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import JPEGLSLossless, generate_uid
+
+from lungsight.errors import InputContractError, InputError, UnsupportedInputError
+from lungsight.io import list_series, load_study
+from lungsight.io.deid import DERIVED_KEYS, METADATA_WHITELIST, series_id
+
+
+def _z_sorted_hu(folder: Path, dicom_read) -> np.ndarray:
+    """HU of every file, ordered by ImagePositionPatient z (the series is axial with IOP 1,0,0,0,1,0)."""
+    datasets = sorted(
+        (dicom_read(p) for p in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2])
+    )
+    return np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets])
+
+
+@pytest.fixture(scope="module")
+def real(ct_dicom_dir: Path):
+    return load_study(ct_dicom_dir)
+
+
+def test_real_series_shape_hu_spacing(real, ct_dicom_dir: Path) -> None:
+    assert real.modality == "CT" and real.intensity == "hu" and real.source_format == "dicom-series"
+    assert real.pixels.shape == (20, 512, 512) and real.pixels.dtype == np.float32
+    assert real.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
+    air = real.pixels[:, 20:60, 200:300]  # above the patient, inside the field of view
+    assert -1050 < float(np.median(air)) < -950
+    assert real.pixels.min() >= -1024 and real.pixels.max() < 3100
+    assert real.slice_labels[0] == "slice 0000"
+    assert real.warnings == [] and real.other_series == []
+    assert set(real.metadata) <= set(METADATA_WHITELIST) | set(DERIVED_KEYS)
+    assert real.metadata["series_id"] == series_id("") and real.metadata["orientation"] == "axial"
+
+
+def test_real_series_sorted_by_position(real, ct_dicom_dir: Path, dicom_read) -> None:
+    positions = sorted(
+        float(dicom_read(p, pixels=False).ImagePositionPatient[2]) for p in ct_dicom_dir.iterdir()
+    )
+    assert np.all(np.diff(positions) > 0)
+    # slice 0 is the most inferior (lowest z): the order of a DICOM axial series sorted along +z
+    np.testing.assert_array_equal(real.pixels, _z_sorted_hu(ct_dicom_dir, dicom_read))
+
+
+def test_order_survives_renamed_files_and_scrambled_instance_numbers(
+    real, ct_dicom_dir: Path, tmp_path: Path, dicom_copy
+) -> None:
+    numbers = list(range(1, 21))
+    random.Random(7).shuffle(numbers)
+
+    def scramble(ds, i):
+        ds.InstanceNumber = numbers[i]
+
+    dicom_copy(ct_dicom_dir, tmp_path / "s", scramble, rename=lambda i, _: f"img{19 - i}.dcm")
+    np.testing.assert_array_equal(load_study(tmp_path / "s").pixels, real.pixels)
+
+
+def test_without_positions_instance_number_orders_and_warns(
+    real, ct_dicom_dir: Path, tmp_path: Path, dicom_copy
+) -> None:
+    def drop_position(ds, _):
+        del ds.ImagePositionPatient
+
+    dicom_copy(ct_dicom_dir, tmp_path / "s", drop_position)
+    study = load_study(tmp_path / "s")
+    # InstanceNumber increases towards the feet in this series, so the order is the reverse of the sorted one
+    np.testing.assert_array_equal(study.pixels, real.pixels[::-1])
+    assert any("InstanceNumber" in w for w in study.warnings)
+
+
+def test_multi_series_largest_chosen_and_series_uid_picks(
+    ct_dicom_dir: Path, tmp_path: Path, dicom_copy
+) -> None:
+    folder = tmp_path / "two"
+    shutil.copytree(ct_dicom_dir, folder)
+    uid = generate_uid()
+
+    def second_series(ds, i):
+        if i >= 5:
+            return False
+        ds.SeriesInstanceUID = uid
+        ds.RescaleIntercept = -1000  # tell the copies apart by value
+        return None
+
+    dicom_copy(ct_dicom_dir, folder, second_series, rename=lambda i, _: f"second_{i}.dcm")
+    study = load_study(folder)
+    assert study.n_slices == 20
+    assert [(s.series_uid, s.n_images, s.orientation) for s in study.other_series] == [
+        (series_id(uid), 5, "axial")
+    ]
+    assert any(series_id(uid) in w and "series_uid" in w for w in study.warnings)
+    assert [s.n_images for s in list_series(folder)] == [20, 5]
+
+    for choice in (uid, series_id(uid)):
+        other = load_study(folder, series_uid=choice)
+        assert other.n_slices == 5 and other.metadata["RescaleIntercept"] == -1000
+        assert [s.n_images for s in other.other_series] == [20]
+
+    with pytest.raises(InputError) as info:
+        load_study(folder, series_uid="1.2.3.4")
+    message = str(info.value)
+    assert str(folder) in message and series_id(uid) in message and "(5 images)" in message
+    assert "(20 images)" in message and uid not in message
+
+
+def test_gantry_tilt_from_positions_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def tilt(ds, _):
+        z = float(ds.ImagePositionPatient[2])
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], -437.5 + 0.3 * z, z]  # ~17 degrees
+
+    dicom_copy(ct_dicom_dir, tmp_path / "tilt", tilt)
+    with pytest.raises(UnsupportedInputError, match="gantry tilt") as info:
+        load_study(tmp_path / "tilt")
+    assert str(tmp_path / "tilt") in str(info.value)
+
+
+def test_gantry_tilt_tag_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def tilt(ds, _):
+        ds.GantryDetectorTilt = 12
+
+    dicom_copy(ct_dicom_dir, tmp_path / "tilt", tilt)
+    with pytest.raises(UnsupportedInputError, match="GantryDetectorTilt") as info:
+        load_study(tmp_path / "tilt")
+    assert ".dcm" in str(info.value)
+
+
+def test_missing_slice_gives_inconsistent_spacing(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    dicom_copy(ct_dicom_dir, tmp_path / "gap", lambda ds, i: i != 10)
+    with pytest.raises(UnsupportedInputError, match="inconsistent slice spacing") as info:
+        load_study(tmp_path / "gap")
+    assert str(tmp_path / "gap") in str(info.value)
+
+
+def test_duplicated_position_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    folder = tmp_path / "dup"
+    shutil.copytree(ct_dicom_dir, folder)
+    dicom_copy(ct_dicom_dir, folder, lambda ds, i: i == 3, rename=lambda i, _: "extra.dcm")
+    with pytest.raises(UnsupportedInputError, match="duplicated slice position"):
+        load_study(folder)
+
+
+def test_multi_frame_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def frames(ds, i):
+        if i == 4:
+            ds.NumberOfFrames = 2
+
+    files = dicom_copy(ct_dicom_dir, tmp_path / "mf", frames)
+    with pytest.raises(UnsupportedInputError, match="multi-frame") as info:
+        load_study(tmp_path / "mf")
+    assert files[4].name in str(info.value)
+
+
+def test_differing_image_size_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def smaller(ds, i):
+        if i == 2:
+            ds.Rows = 256
+
+    dicom_copy(ct_dicom_dir, tmp_path / "size", smaller)
+    with pytest.raises(UnsupportedInputError, match="one image size"):
+        load_study(tmp_path / "size")
+
+
+def test_text_file_named_dcm(ct_dicom_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    shutil.copytree(ct_dicom_dir, folder)
+    (folder / "notes.dcm").write_text("not an image\n")
+    with pytest.raises(InputError, match="not a DICOM file") as info:
+        load_study(folder)
+    assert f"{folder}/notes.dcm" in str(info.value)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty folder") as info:
+        load_study(tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(info.value)
+
+
+def test_folder_without_images(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def strip_image(ds, i):
+        if i != 0:
+            return False
+        for keyword in ("Rows", "Columns", "PixelData"):
+            del ds[keyword]
+        return None
+
+    dicom_copy(ct_dicom_dir, tmp_path / "noimage", strip_image)
+    with pytest.raises(InputError, match="no DICOM image found") as info:
+        load_study(tmp_path / "noimage")
+    assert str(tmp_path / "noimage") in str(info.value)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file or folder"):
+        load_study(tmp_path / "missing")
+
+
+def test_truncated_pixel_data(ct_dicom_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "trunc"
+    shutil.copytree(ct_dicom_dir, folder)
+    victim = sorted(folder.iterdir())[7]
+    victim.write_bytes(victim.read_bytes()[:-60_000])
+    with pytest.raises(InputError) as info:
+        load_study(folder)
+    assert victim.name in str(info.value)
+
+
+def test_undecodable_transfer_syntax_names_it(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed")
+
+    def relabel(ds, _):
+        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+
+    dicom_copy(ct_dicom_dir, tmp_path / "jls", relabel)
+    with pytest.raises(UnsupportedInputError, match="JPEG-LS Lossless") as info:
+        load_study(tmp_path / "jls")
+    assert "install one of" in str(info.value)
+
+
+def test_single_file_is_one_slice(real, ct_dicom_dir: Path) -> None:
+    path = sorted(ct_dicom_dir.iterdir())[0]  # the most superior slice (z = -766.5)
+    study = load_study(path)
+    assert study.source_format == "dicom" and study.n_slices == 1
+    np.testing.assert_array_equal(study.pixels[0], real.pixels[-1])
+    assert study.spacing == pytest.approx((3.0, 0.9765625, 0.9765625))  # slice thickness for one slice
+
+
+def _radiograph(dicom_copy, ct_dicom_dir: Path, folder: Path, photometric: str) -> Path:
+    def to_dx(ds, i):
+        if i != 10:
+            return False
+        ds.Modality = "DX"
+        ds.PhotometricInterpretation = photometric
+        ds.ViewPosition = "PA"
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
+            del ds[keyword]
+        return None
+
+    return dicom_copy(ct_dicom_dir, folder, to_dx, decompress=True)[0]
+
+
+def test_monochrome1_radiograph_inverted_exactly_once(
+    ct_dicom_dir: Path, tmp_path: Path, dicom_copy, dicom_read
+) -> None:
+    mono2 = load_study(_radiograph(dicom_copy, ct_dicom_dir, tmp_path / "m2", "MONOCHROME2"))
+    mono1 = load_study(_radiograph(dicom_copy, ct_dicom_dir, tmp_path / "m1", "MONOCHROME1"))
+    for study in (mono1, mono2):
+        assert study.modality == "XR" and study.intensity == "grey16" and study.source_format == "dicom"
+        assert study.metadata["voi_lut_applied"] is True and study.metadata["ViewPosition"] == "PA"
+    assert mono2.metadata["monochrome1_inverted"] is False and mono1.metadata["monochrome1_inverted"] is True
+
+    ds = dicom_read(sorted(ct_dicom_dir.iterdir())[10])
+    low, high = -1024.0, 4095.0 - 1024.0  # 12-bit unsigned range after the rescale
+    expected = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds) - low
+    np.testing.assert_allclose(mono2.pixels[0], expected, atol=1e-3)
+    np.testing.assert_allclose(mono1.pixels[0], (high - low) - mono2.pixels[0], atol=1e-3)
+    spine = (slice(300, 340), slice(230, 270))
+    assert mono2.pixels[0][spine].mean() > mono2.pixels[0][20:60, 200:300].mean()  # bone white in MONOCHROME2
+    assert mono1.pixels[0][spine].mean() < mono1.pixels[0][20:60, 200:300].mean()  # and dark in MONOCHROME1
+
+
+def test_radiograph_refused_when_ct_requested(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    path = _radiograph(dicom_copy, ct_dicom_dir, tmp_path / "dx", "MONOCHROME2")
+    with pytest.raises(InputContractError, match=r"X-ray \(Modality DX\), the CT model cannot read it"):
+        load_study(path, modality="CT")
+
+
+def test_ct_requested_as_xray_is_refused(ct_dicom_dir: Path) -> None:
+    with pytest.raises(InputContractError, match="X-ray model cannot read it"):
+        load_study(sorted(ct_dicom_dir.iterdir())[0], modality="XR")
+
+
+def test_monochrome1_ct_keeps_hounsfield_units(real, ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def mono1(ds, _):
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    dicom_copy(ct_dicom_dir, tmp_path / "m1", mono1, decompress=True)
+    study = load_study(tmp_path / "m1")
+    np.testing.assert_array_equal(study.pixels, real.pixels)
+    assert any("MONOCHROME1" in w for w in study.warnings)
+
+
+def test_unsupported_modality_needs_modality_argument(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def other(ds, _):
+        ds.Modality = "OT"
+
+    dicom_copy(ct_dicom_dir, tmp_path / "ot", other)
+    with pytest.raises(UnsupportedInputError, match=r"Modality OT .*pass modality="):
+        load_study(tmp_path / "ot")
+    assert load_study(tmp_path / "ot", modality="CT").n_slices == 20
+
+
+def test_other_modality_is_refused(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
+    def mr(ds, _):
+        ds.Modality = "MR"
+
+    dicom_copy(ct_dicom_dir, tmp_path / "mr", mr)
+    with pytest.raises(UnsupportedInputError, match="Modality MR is not supported"):
+        load_study(tmp_path / "mr", modality="CT")
+
+
+def test_pixels_are_read_slice_by_slice(ct_dicom_dir: Path) -> None:
+    tracemalloc.start()
+    try:
+        study = load_study(ct_dicom_dir)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the output plus a few slices of working memory, never a second copy of the volume
+    assert peak < study.pixels.nbytes + 8 * 512 * 512 * 8
+
+
+@pytest.mark.parametrize(
+    ("iop", "flip"),
+    [
+        ((-1, 0, 0, 0, -1, 0), (slice(None, None, -1), slice(None, None, -1))),
+        ((1, 0, 0, 0, -1, 0), (slice(None, None, -1), slice(None))),
+    ],
+    ids=["rotated-180", "rows-mirrored"],
+)
+def test_mirrored_axial_storage_is_shown_in_radiological_convention(
+    real, ct_dicom_dir: Path, tmp_path: Path, dicom_copy, iop, flip
+) -> None:
+    """The same anatomy stored with other direction cosines (and pixels to match) reads identically."""
+
+    def restore(ds, i):
+        if i >= 5:  # the five most superior slices are enough
+            return False
+        pixels = ds.pixel_array[flip]
+        x0, y0, z = (float(v) for v in ds.ImagePositionPatient)
+        step = float(ds.PixelSpacing[0])
+        # the first stored pixel is now at the far end of each flipped axis
+        ds.ImagePositionPatient = [
+            x0 + 511 * step if iop[0] < 0 else x0,
+            y0 + 511 * step if iop[4] < 0 else y0,
+            z,
+        ]
+        ds.ImageOrientationPatient = list(iop)
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        return None
+
+    dicom_copy(ct_dicom_dir, tmp_path / "m", restore, decompress=True)
+    study = load_study(tmp_path / "m")
+    np.testing.assert_array_equal(study.pixels, real.pixels[-5:])
+    assert any("mirrored" in w for w in study.warnings)

@@ -1,0 +1,146 @@
+"""NIfTI reading: shape, HU, spacing and, above all, orientation (checked with real lung lobe masks)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from lungsight.errors import InputContractError, InputError, UnsupportedInputError
+from lungsight.io import load_study
+from lungsight.io.nifti import read_nifti
+
+
+@pytest.fixture(scope="module")
+def ct_sm(ct_nifti_sm: Path):
+    return load_study(ct_nifti_sm)
+
+
+def _mask(ct_nifti_sm: Path, lobe: str) -> np.ndarray:
+    path = ct_nifti_sm.parent / "masks" / f"lung_{lobe}.nii.gz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return read_nifti(path, path.name).pixels > 0.5
+
+
+def test_shape_hu_and_spacing(ct_sm) -> None:
+    assert ct_sm.modality == "CT" and ct_sm.intensity == "hu" and ct_sm.source_format == "nifti"
+    assert ct_sm.pixels.shape == (30, 101, 122)  # (slices, rows = anterior-posterior, columns = right-left)
+    assert ct_sm.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert float(np.percentile(ct_sm.pixels, 1)) < -900  # air around the patient
+    assert ct_sm.pixels.min() >= -1100 and ct_sm.pixels.max() <= 1300
+    assert ct_sm.warnings == []
+    assert ct_sm.metadata["nifti_axcodes"] == "RAS"
+
+
+def test_right_lung_on_image_left_and_posterior(ct_sm, ct_nifti_sm: Path) -> None:
+    right = _mask(ct_nifti_sm, "lower_lobe_right")
+    left = _mask(ct_nifti_sm, "lower_lobe_left")
+    assert right.shape == left.shape == ct_sm.pixels.shape
+    _, rows, cols = ct_sm.pixels.shape
+    # radiological convention: the patient's right lung is on the left of the image
+    assert np.nonzero(right)[2].mean() < cols / 2 < np.nonzero(left)[2].mean()
+    # the lower lobes lie posteriorly: at the bottom of the image
+    assert np.nonzero(right)[1].mean() > rows / 2 and np.nonzero(left)[1].mean() > rows / 2
+    # the lung is the superior end of this lower-chest/abdomen volume: slices run inferior -> superior
+    assert np.nonzero(right | left)[0].min() > ct_sm.n_slices / 2
+
+
+def test_vertebra_at_the_bottom(ct_sm) -> None:
+    _, rows, cols = ct_sm.pixels.shape
+    middle = ct_sm.pixels[:, :, cols // 2 - 8 : cols // 2 + 8]
+    bone_rows = np.nonzero(middle > 250)[1]
+    assert bone_rows.mean() > rows / 2
+
+
+def test_storage_orientation_does_not_matter(ct_sm, ct_nifti_sm: Path, tmp_path: Path) -> None:
+    image = nib.load(ct_nifti_sm)
+    for codes in (("L", "P", "S"), ("P", "I", "R")):
+        stored = image.as_reoriented(ornt_transform(io_orientation(image.affine), axcodes2ornt(codes)))
+        path = tmp_path / f"{''.join(codes)}.nii.gz"
+        nib.save(stored, path)
+        study = load_study(path)
+        assert study.metadata["nifti_axcodes"] == "".join(codes)
+        np.testing.assert_array_equal(study.pixels, ct_sm.pixels)
+        assert study.spacing == pytest.approx(ct_sm.spacing)
+
+
+def test_dicom_and_nifti_readers_agree(ct_dicom_dir: Path, tmp_path: Path, dicom_read) -> None:
+    """The DICOM series is a different scan from the NIfTI files, so convert it: both readers must match."""
+    datasets = [dicom_read(p) for p in sorted(ct_dicom_dir.glob("*.dcm"))]
+    datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets])
+    first, last = datasets[0], datasets[-1]
+    iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * col_spacing  # voxel i = column index
+    lps[:3, 1] = iop[3:] * row_spacing  # voxel j = row index
+    lps[:3, 2] = (
+        np.asarray(last.ImagePositionPatient, float) - np.asarray(first.ImagePositionPatient, float)
+    ) / (len(datasets) - 1)
+    lps[:3, 3] = np.asarray(first.ImagePositionPatient, float)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    path = tmp_path / "from_dicom.nii.gz"
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).astype(np.float32), ras), path)
+
+    from_nifti, from_dicom = load_study(path), load_study(ct_dicom_dir)
+    np.testing.assert_array_equal(from_nifti.pixels, from_dicom.pixels)
+    assert from_nifti.spacing == pytest.approx(from_dicom.spacing)
+
+
+def test_scaling_is_applied(tmp_path: Path) -> None:
+    stored = np.full((8, 8, 3), 100, dtype=np.int16)
+    stored[0] = 0
+    image = nib.Nifti1Image(stored, np.eye(4))
+    image.header.set_slope_inter(2.0, -1024.0)
+    nib.save(image, tmp_path / "scaled.nii")
+    study = load_study(tmp_path / "scaled.nii")
+    assert set(np.unique(study.pixels)) == {-1024.0, -824.0}
+    assert study.warnings == []
+
+
+def test_contract_warnings_for_cropped_or_padded_volumes(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.full((8, 8, 3), 300, np.int16), np.eye(4)), tmp_path / "soft.nii")
+    soft = load_study(tmp_path / "soft.nii")
+    assert soft.pixels.max() == 300
+    assert any("no air found" in w for w in soft.warnings)
+    padded = np.full((8, 8, 3), -1000, np.int16)
+    padded[0] = -3024
+    nib.save(nib.Nifti1Image(padded, np.eye(4)), tmp_path / "padded.nii")
+    assert any("beyond [-2000, 5000]" in w for w in load_study(tmp_path / "padded.nii").warnings)
+
+
+def test_four_dimensional_is_refused(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3, 2), -1000, np.int16), np.eye(4)), tmp_path / "t.nii.gz")
+    with pytest.raises(UnsupportedInputError, match="4-D NIfTI") as info:
+        load_study(tmp_path / "t.nii.gz")
+    assert "t.nii.gz" in str(info.value)
+    nib.save(nib.Nifti1Image(np.full((4, 4, 3, 1), -1000, np.int16), np.eye(4)), tmp_path / "t1.nii.gz")
+    assert load_study(tmp_path / "t1.nii.gz").pixels.shape == (3, 4, 4)
+
+
+def test_corrupt_file(ct_nifti_sm: Path, tmp_path: Path) -> None:
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(ct_nifti_sm.read_bytes()[:20_000])
+    with pytest.raises(InputError) as info:
+        load_study(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "text.nii").write_text("hello")
+    with pytest.raises(InputError, match=r"text\.nii"):
+        load_study(tmp_path / "text.nii")
+
+
+def test_mask_is_not_hounsfield(ct_nifti_sm: Path) -> None:
+    with pytest.raises(InputContractError, match="display grey levels, not Hounsfield"):
+        load_study(ct_nifti_sm.parent / "masks" / "lung_lower_lobe_left.nii.gz")
+
+
+def test_gzip_suffix_detected_by_name(ct_nifti_sm: Path, tmp_path: Path) -> None:
+    path = tmp_path / "volume.nii"
+    path.write_bytes(gzip.decompress(ct_nifti_sm.read_bytes()))
+    assert load_study(path).pixels.shape == (30, 101, 122)

@@ -1,0 +1,96 @@
+"""Windowing, paper-002 slice selection and model-input geometry, checked against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+
+from lungsight.preprocess.selection import BOX_X, BOX_Y, dark_counts, dark_level, select_slices
+from lungsight.preprocess.transforms import augmentation, fit_square, model_batch, unfit_square
+from lungsight.preprocess.window import LUNG_WINDOW, to_unit
+
+
+def test_lung_window_maps_hu_to_unit_range():
+    hu = np.array([-2000.0, -1350.0, -600.0, 150.0, 3000.0])
+    np.testing.assert_allclose(to_unit(hu, "hu"), [0.0, 0.0, 0.5, 1.0, 1.0])
+    assert LUNG_WINDOW == (-1350.0, 150.0)
+
+
+def test_grey8_is_divided_by_255_and_grey16_uses_percentiles():
+    np.testing.assert_allclose(to_unit(np.array([0.0, 51.0, 255.0]), "grey8"), [0.0, 0.2, 1.0])
+    g16 = np.linspace(1000, 3000, 1001)
+    u = to_unit(g16, "grey16")
+    assert u.min() == 0.0 and u.max() == 1.0 and 0.45 < u[500] < 0.55
+
+
+def test_dark_levels_are_the_papers_raw_300_in_each_unit():
+    assert dark_level("hu") == -724.0
+    assert dark_level("grey16") == 300.0
+    # -724 HU in the lung window (-1350..150) is (626 / 1500) of full scale
+    assert dark_level("grey8") == pytest.approx(255 * 626 / 1500)
+
+
+def _series(dark_pixels_per_slice, size=512):
+    """Slices of soft tissue (40 HU) with ``k`` dark (-1000 HU) pixels placed inside the central box."""
+    x0, y0 = round(BOX_X[0] * size), round(BOX_Y[0] * size)
+    w = round(BOX_X[1] * size) - x0
+    vol = np.full((len(dark_pixels_per_slice), size, size), 40.0, np.float32)
+    for i, k in enumerate(dark_pixels_per_slice):
+        flat = vol[i, y0:, x0 : x0 + w].reshape(-1)[:k]
+        flat[:] = -1000.0
+        vol[i, y0:, x0 : x0 + w] = np.pad(flat, (0, vol[i, y0:, x0 : x0 + w].size - k), constant_values=40.0).reshape(
+            vol[i, y0:, x0 : x0 + w].shape
+        )
+    return vol
+
+
+def test_paper_002_example_threshold():
+    # The paper's example: 3030 and 30 dark pixels give a threshold of (3030 - 30) / 1.5 = 2000.
+    vol = _series([30, 3030, 2500, 1999, 2001, 100])
+    sel = select_slices(vol, "hu")
+    np.testing.assert_allclose(dark_counts(vol, "hu"), [30, 3030, 2500, 1999, 2001, 100])
+    assert sel.threshold == pytest.approx(2000.0)
+    assert sel.kept.tolist() == [False, True, True, False, True, False]
+    assert sel.kept_indices == [1, 2, 4] and sel.dropped_indices == [0, 3, 5]
+
+
+def test_selection_scales_box_and_counts_with_resolution():
+    big = _series([30, 3030, 2500, 1999, 2001, 100])
+    small = torch.nn.functional.interpolate(torch.from_numpy(big)[:, None], size=(256, 256), mode="nearest")
+    sel = select_slices(small[:, 0].numpy(), "hu")
+    assert sel.kept.tolist() == [False, True, True, False, True, False]
+
+
+def test_short_or_flat_series_keep_every_slice_and_say_why():
+    sel = select_slices(_series([10, 3000]), "hu")
+    assert sel.kept.all() and "all kept" in sel.note
+    flat = select_slices(_series([500] * 8), "hu")
+    assert flat.kept.all() and "barely vary" in flat.note
+
+
+def test_fit_square_pads_then_resizes_and_unfit_square_inverts_geometry():
+    img = np.zeros((100, 50), np.float32)
+    img[:, :] = 1.0
+    sq = fit_square(img, 64)
+    assert sq.shape == (1, 64, 64)
+    # the 50-wide image sits in the middle half of the padded square
+    assert sq[0, 32, 2].item() == 0.0 and sq[0, 32, 32].item() == pytest.approx(1.0)
+    back = unfit_square(sq.numpy(), 100, 50)
+    assert back.shape == (1, 100, 50)
+    assert back[0, 10:90, 5:45].min() > 0.9
+
+
+def test_model_batch_normalises_per_channel():
+    x = model_batch(np.full((2, 32, 32), 0.5, np.float32), 16, 3, (0.5, 0.25, 0.0), (0.25, 0.25, 0.5))
+    assert x.shape == (2, 3, 16, 16)
+    np.testing.assert_allclose(x[0, :, 0, 0].numpy(), [0.0, 1.0, 1.0])
+
+
+def test_augmentations_keep_shape_and_range():
+    torch.manual_seed(0)
+    x = torch.rand(1, 64, 64)
+    for name in ("paper002", "paper002+intensity"):
+        y = augmentation(name)(x)
+        assert y.shape == x.shape and not torch.equal(x, y)
+    assert augmentation("none") is None
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmentation("mixup")
