@@ -47,9 +47,7 @@ def test_zip_of_dicom_series(ct_dicom_dir: Path, tmp_path: Path, private_tmp: Pa
     assert list(private_tmp.iterdir()) == [] and sorted(os.listdir()) == cwd_before
 
 
-def test_zip_of_nifti_and_of_images(
-    ct_nifti_sm: Path, covid_ct_dir: Path, tmp_path: Path, private_tmp: Path
-) -> None:
+def test_zip_of_nifti_and_of_images(ct_nifti_sm: Path, covid_ct_dir: Path, tmp_path: Path, private_tmp: Path) -> None:
     nifti = load_study(_zip(tmp_path / "vol.zip", {"vol/example.nii.gz": ct_nifti_sm}))
     assert nifti.source_format == "nifti" and nifti.pixels.shape == (30, 101, 122)
     images = sorted(covid_ct_dir.glob("*/*.png"))[:3]

@@ -17,14 +17,6 @@ from lungsight.io import list_series, load_study
 from lungsight.io.deid import DERIVED_KEYS, METADATA_WHITELIST, series_id
 
 
-def _z_sorted_hu(folder: Path, dicom_read) -> np.ndarray:
-    """HU of every file, ordered by ImagePositionPatient z (the series is axial with IOP 1,0,0,0,1,0)."""
-    datasets = sorted(
-        (dicom_read(p) for p in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2])
-    )
-    return np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets])
-
-
 @pytest.fixture(scope="module")
 def real(ct_dicom_dir: Path):
     return load_study(ct_dicom_dir)
@@ -44,12 +36,16 @@ def test_real_series_shape_hu_spacing(real, ct_dicom_dir: Path) -> None:
 
 
 def test_real_series_sorted_by_position(real, ct_dicom_dir: Path, dicom_read) -> None:
-    positions = sorted(
-        float(dicom_read(p, pixels=False).ImagePositionPatient[2]) for p in ct_dicom_dir.iterdir()
-    )
-    assert np.all(np.diff(positions) > 0)
-    # slice 0 is the most inferior (lowest z): the order of a DICOM axial series sorted along +z
-    np.testing.assert_array_equal(real.pixels, _z_sorted_hu(ct_dicom_dir, dicom_read))
+    """Find each loaded slice's file: their positions projected on the normal must increase."""
+    by_file = {}
+    for path in ct_dicom_dir.glob("*.dcm"):
+        ds = dicom_read(path)
+        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        projected = float(np.asarray(ds.ImagePositionPatient, dtype=float) @ np.cross(iop[:3], iop[3:]))
+        by_file[projected] = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    order = [next(z for z, hu in by_file.items() if np.array_equal(hu, plane)) for plane in real.pixels]
+    assert len(set(order)) == 20 and np.all(np.diff(order) > 0)  # inferior (lowest z) first
+    assert np.diff(order) == pytest.approx(real.spacing[0])
 
 
 def test_order_survives_renamed_files_and_scrambled_instance_numbers(
@@ -78,9 +74,7 @@ def test_without_positions_instance_number_orders_and_warns(
     assert any("InstanceNumber" in w for w in study.warnings)
 
 
-def test_multi_series_largest_chosen_and_series_uid_picks(
-    ct_dicom_dir: Path, tmp_path: Path, dicom_copy
-) -> None:
+def test_multi_series_largest_chosen_and_series_uid_picks(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:
     folder = tmp_path / "two"
     shutil.copytree(ct_dicom_dir, folder)
     uid = generate_uid()
@@ -95,9 +89,7 @@ def test_multi_series_largest_chosen_and_series_uid_picks(
     dicom_copy(ct_dicom_dir, folder, second_series, rename=lambda i, _: f"second_{i}.dcm")
     study = load_study(folder)
     assert study.n_slices == 20
-    assert [(s.series_uid, s.n_images, s.orientation) for s in study.other_series] == [
-        (series_id(uid), 5, "axial")
-    ]
+    assert [(s.series_uid, s.n_images, s.orientation) for s in study.other_series] == [(series_id(uid), 5, "axial")]
     assert any(series_id(uid) in w and "series_uid" in w for w in study.warnings)
     assert [s.n_images for s in list_series(folder)] == [20, 5]
 

@@ -164,7 +164,5 @@ def test_xray_modality_and_ct_contract(shared_data: Path) -> None:
         pytest.skip("no X-ray PNG in the shared data")
     study = load_study(xray, modality="XR")
     assert study.modality == "XR" and study.intensity == "grey8"
-    with pytest.raises(
-        InputContractError, match=r"this is an X-ray \(Modality XR\), the CT model cannot read it"
-    ):
+    with pytest.raises(InputContractError, match=r"this is an X-ray \(Modality XR\), the CT model cannot read it"):
         check_ct_contract(study, str(xray))

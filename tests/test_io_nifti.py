@@ -80,9 +80,9 @@ def test_dicom_and_nifti_readers_agree(ct_dicom_dir: Path, tmp_path: Path, dicom
     lps = np.eye(4)
     lps[:3, 0] = iop[:3] * col_spacing  # voxel i = column index
     lps[:3, 1] = iop[3:] * row_spacing  # voxel j = row index
-    lps[:3, 2] = (
-        np.asarray(last.ImagePositionPatient, float) - np.asarray(first.ImagePositionPatient, float)
-    ) / (len(datasets) - 1)
+    lps[:3, 2] = (np.asarray(last.ImagePositionPatient, float) - np.asarray(first.ImagePositionPatient, float)) / (
+        len(datasets) - 1
+    )
     lps[:3, 3] = np.asarray(first.ImagePositionPatient, float)
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     path = tmp_path / "from_dicom.nii.gz"

@@ -114,9 +114,7 @@ def test_errors_on_damaged_phi_files_have_no_phi(ct_phi_dir: Path, tmp_path: Pat
 
 def test_decoder_error_quoting_phi_is_redacted(ct_phi_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(self: Dataset) -> None:
-        raise ValueError(
-            f"cannot decode frame for {self.PatientName} ({self.PatientID}) at {self.InstitutionName}"
-        )
+        raise ValueError(f"cannot decode frame for {self.PatientName} ({self.PatientID}) at {self.InstitutionName}")
 
     monkeypatch.setattr(Dataset, "pixel_array", property(failing))
     with pytest.raises(LungsightError, match="corrupt pixel data") as info:

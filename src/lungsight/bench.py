@@ -10,6 +10,7 @@ Ratios measured in one run are the honest figure on shared machines; absolute nu
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -86,4 +87,6 @@ def run_bench(
         f"{figures['forward_slices_per_s']:.1f} slices/s"
     )
     print(f"  pipeline cost over the bare forward: {100 * figures['pipeline_over_forward']:.1f} %")
+    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak resident memory of this process: {figures['peak_rss_mib']:.0f} MiB")
     return figures

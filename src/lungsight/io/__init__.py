@@ -26,9 +26,7 @@ __all__ = ["check_ct_contract", "list_series", "load_study"]
 logger = logging.getLogger("lungsight.io")
 
 #: Files in a folder that are never read: notes and sidecars that travel with exported series.
-IGNORED_SUFFIXES = frozenset(
-    {".txt", ".md", ".json", ".csv", ".xml", ".html", ".htm", ".pdf", ".ini", ".log"}
-)
+IGNORED_SUFFIXES = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".html", ".htm", ".pdf", ".ini", ".log"})
 _IGNORED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -139,9 +137,7 @@ def _read(
             tiff_intercept=tiff_intercept,
             max_pixels=max_pixels,
         )
-    return read_dicom(
-        by_kind["dicom"], name, label, series_uid=series_uid, modality=modality, max_pixels=max_pixels
-    )
+    return read_dicom(by_kind["dicom"], name, label, series_uid=series_uid, modality=modality, max_pixels=max_pixels)
 
 
 def load_study(

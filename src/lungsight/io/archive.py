@@ -66,9 +66,7 @@ def extracted_zip(
             raise InputError(f"{label}: the zip file is empty")
         declared = sum(m.file_size for m, _ in files)
         if declared > max_bytes:
-            raise InputError(
-                f"{label}: {declared:,} bytes uncompressed exceeds the limit of {max_bytes:,} bytes"
-            )
+            raise InputError(f"{label}: {declared:,} bytes uncompressed exceeds the limit of {max_bytes:,} bytes")
         with tempfile.TemporaryDirectory(prefix="lungsight-") as tmp:
             root = Path(tmp)
             written = 0

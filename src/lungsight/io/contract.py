@@ -38,9 +38,7 @@ def check_ct_contract(study: Study, source: str) -> None:
     """Check that ``study`` can be read by the CT model; ``source`` names the input in messages."""
     if study.modality != "CT":
         dicom_modality = study.metadata.get("Modality", study.modality)
-        raise InputContractError(
-            f"{source}: this is an X-ray (Modality {dicom_modality}), the CT model cannot read it"
-        )
+        raise InputContractError(f"{source}: this is an X-ray (Modality {dicom_modality}), the CT model cannot read it")
     pixels = study.pixels
     if study.intensity == "hu":
         low, high = float(pixels.min()), float(pixels.max())

@@ -101,9 +101,7 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         with _quiet():
             ds = dcmread(path, force=False, stop_before_pixels=True)
     except InvalidDicomError:
-        raise InputError(
-            f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)"
-        ) from None
+        raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except Exception as exc:
         raise InputError(f"{name(path)}: unreadable DICOM header ({type(exc).__name__})") from None
     if ds.get("Rows") is None or ds.get("Columns") is None:
@@ -177,9 +175,7 @@ def _scan(files: Sequence[Path], name: NameFn, folder: str) -> tuple[dict[str, l
     if not groups:
         detail = f" ({len(skipped)} DICOM files without pixel data)" if skipped else ""
         raise InputError(f"{folder}: no DICOM image found{detail}")
-    logger.debug(
-        "%d DICOM images in %d series, %d without image", len(files) - len(skipped), len(groups), len(skipped)
-    )
+    logger.debug("%d DICOM images in %d series, %d without image", len(files) - len(skipped), len(groups), len(skipped))
     return groups, skipped
 
 
@@ -219,8 +215,7 @@ def _check_uniform(series: list[_Header], name: NameFn, max_pixels: int) -> None
             )
         if header.samples != 1 or header.photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise UnsupportedInputError(
-                f"{name(header.path)}: colour DICOM (PhotometricInterpretation {header.photometric}) "
-                "is not supported"
+                f"{name(header.path)}: colour DICOM (PhotometricInterpretation {header.photometric}) is not supported"
             )
         if (header.rows, header.cols) != (first.rows, first.cols):
             raise UnsupportedInputError(
@@ -228,13 +223,10 @@ def _check_uniform(series: list[_Header], name: NameFn, max_pixels: int) -> None
                 f"{first.cols}x{first.rows}; one series must have one image size"
             )
         if (header.iop is None) != (first.iop is None) or (
-            header.iop is not None
-            and first.iop is not None
-            and not np.allclose(header.iop, first.iop, atol=1e-3)
+            header.iop is not None and first.iop is not None and not np.allclose(header.iop, first.iop, atol=1e-3)
         ):
             raise UnsupportedInputError(
-                f"{name(header.path)}: ImageOrientationPatient differs from {name(first.path)} "
-                "within one series"
+                f"{name(header.path)}: ImageOrientationPatient differs from {name(first.path)} within one series"
             )
         if abs(header.gantry_tilt) > 1e-3:
             raise UnsupportedInputError(
@@ -329,9 +321,7 @@ def _in_plane_flips(iop: np.ndarray | None, notes: list[str]) -> tuple[bool, boo
         return False, False
     flip_rows, flip_cols = bool(col_dir[1] < 0), bool(row_dir[0] < 0)
     if flip_rows or flip_cols:
-        notes.append(
-            "stored images were mirrored; flipped to radiological display (patient right on image left)"
-        )
+        notes.append("stored images were mirrored; flipped to radiological display (patient right on image left)")
     return flip_rows, flip_cols
 
 
@@ -428,9 +418,7 @@ def read_dicom(
             try:
                 ds = dcmread(header.path, force=False)
             except Exception as exc:
-                raise InputError(
-                    f"{name(header.path)}: unreadable DICOM file ({type(exc).__name__})"
-                ) from None
+                raise InputError(f"{name(header.path)}: unreadable DICOM file ({type(exc).__name__})") from None
             hidden = identifying_values(ds)
             if "PixelData" not in ds:
                 raise InputError(f"{name(header.path)}: no pixel data (truncated or damaged file)")
@@ -451,9 +439,7 @@ def read_dicom(
                     values, span, voi_applied, inverted = _xr_values(arr, ds)
             except Exception as exc:
                 reason = redact(f"{type(exc).__name__}: {exc}", hidden)
-                raise InputError(
-                    f"{name(header.path)}: invalid rescale or VOI LUT attributes ({reason})"
-                ) from None
+                raise InputError(f"{name(header.path)}: invalid rescale or VOI LUT attributes ({reason})") from None
         if geometry.flip_rows:
             values = values[::-1]
         if geometry.flip_cols:
@@ -467,9 +453,7 @@ def read_dicom(
             "CT stored as MONOCHROME1: rescaled values are Hounsfield units whatever the display "
             "polarity, so they were not inverted; check the images look right"
         )
-    metadata.update(
-        series_id=series_id(chosen), n_slices=len(geometry.order), orientation=_orientation(first.iop)
-    )
+    metadata.update(series_id=series_id(chosen), n_slices=len(geometry.order), orientation=_orientation(first.iop))
     if kind == "XR":
         metadata.update(voi_lut_applied=voi_applied, monochrome1_inverted=inverted)
         intensity = "grey8" if span <= 255 else "grey16"

@@ -133,9 +133,7 @@ def _probe_tiff(path: Path, shown: str, max_pixels: int) -> _Probe:
     if dtype == np.uint8:
         kind = "grey8"
     elif colour:
-        raise UnsupportedInputError(
-            f"{shown}: colour TIFF with {dtype} samples is not supported (8-bit only)"
-        )
+        raise UnsupportedInputError(f"{shown}: colour TIFF with {dtype} samples is not supported (8-bit only)")
     elif dtype == np.uint16:
         kind = "tiff-u16"
     elif dtype == np.int16:
@@ -175,9 +173,7 @@ def _decode(probe: _Probe, shown: str, max_pixels: int) -> tuple[np.ndarray, flo
             else:
                 data = np.asarray(image, dtype=np.float32)
                 if data.min() < 0 or data.max() > 65535:
-                    raise UnsupportedInputError(
-                        f"{shown}: 32-bit integer image values are not 16-bit grey levels"
-                    )
+                    raise UnsupportedInputError(f"{shown}: 32-bit integer image values are not 16-bit grey levels")
     except (InputError, UnsupportedInputError):
         raise
     except Exception as exc:
@@ -254,9 +250,7 @@ def read_images(
             )
     elif first.kind in ("tiff-i16", "tiff-float"):
         if modality == "XR":
-            raise UnsupportedInputError(
-                f"{name(first.path)}: {first.kind} values are not an X-ray image format"
-            )
+            raise UnsupportedInputError(f"{name(first.path)}: {first.kind} values are not an X-ray image format")
         notes.append(f"{first.kind} TIFF values were taken as Hounsfield units without conversion")
 
     all_tiff = all(p.path.suffix.lower() in TIFF_SUFFIXES for p in probes)

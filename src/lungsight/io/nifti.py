@@ -62,9 +62,7 @@ def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study
         notes.append("the NIfTI header has no orientation (qform and sform codes are 0): RAS was assumed")
     tilt = math.degrees(float(np.max(obliquity(image.affine))))
     if tilt > 1.0:
-        notes.append(
-            f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation"
-        )
+        notes.append(f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation")
     try:
         data = image.get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:

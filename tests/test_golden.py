@@ -1,0 +1,61 @@
+"""Golden end-to-end tests: real files through the CLI and the Python API with the bundled ct-default, compared
+with recorded references (decision, kept slices, per-slice probabilities within a tolerance)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "golden"))
+
+from cases import BUNDLED_EXAMPLE, CASES, PROB_TOLERANCE, REFERENCES, summary
+
+import lungsight
+from lungsight.cli import main
+from lungsight.examples import EXAMPLE_CT
+
+REFS = json.loads(REFERENCES.read_text())
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return lungsight.Detector.from_pretrained("ct-default")
+
+
+def _compare(got: dict, want: dict) -> None:
+    assert got["label"] == want["label"]
+    assert got["rule"] == want["rule"]
+    assert got["selected"] == want["selected"]
+    assert got["rules"] == want["rules"]
+    assert len(got["p"]) == len(want["p"])
+    for g, w in zip(got["p"], want["p"], strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g == pytest.approx(w, abs=PROB_TOLERANCE)
+
+
+def test_references_were_recorded_with_the_bundled_model(detector):
+    assert REFS["model_sha256"] == detector.entry.sha256, "ct-default changed: re-record tests/golden"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_python_api_matches_reference(name, shared_data, detector):
+    path = shared_data / CASES[name]
+    _compare(summary(detector.predict(lungsight.load_study(path), explain=False).result), REFS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dicom-series", "covid-ct-png"])
+def test_cli_matches_reference(name, shared_data, tmp_path, capsys):
+    assert main(["predict", str(shared_data / CASES[name]), "--out", str(tmp_path)]) == 0
+    _compare(summary(json.loads((tmp_path / "result.json").read_text())), REFS[name])
+
+
+def test_bundled_example_needs_no_shared_data(detector, tmp_path):
+    pred = detector.predict(lungsight.load_study(EXAMPLE_CT))
+    _compare(summary(pred.result), REFS[BUNDLED_EXAMPLE])
+    report = pred.save(tmp_path)
+    assert report.name == "report.html" and len(list((tmp_path / "overlays").glob("*.png"))) == 4
