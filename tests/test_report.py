@@ -34,9 +34,7 @@ def result(tmp_path: Path) -> dict:
     for i in (5, 7):
         cam = np.zeros((4, 4), dtype=np.float32)
         cam[1:3, 1:3] = 1.0
-        save_overlay(
-            rng.random((24, 24)), cam, tmp_path / "overlays" / f"slice_{i:04d}.png", caption=f"slice {i}"
-        )
+        save_overlay(rng.random((24, 24)), cam, tmp_path / "overlays" / f"slice_{i:04d}.png", caption=f"slice {i}")
     decision = {**_rule("covid", True, 0.42, "threshold-10"), "params": {"fraction": 0.1}}
     return {
         "lungsight_version": "0.1.0",

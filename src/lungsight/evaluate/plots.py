@@ -102,9 +102,7 @@ def plot_confusion(
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax)
-    fig.colorbar(
-        im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count"
-    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "count")
     for i in range(k):
         for j in range(k):
             text = f"{cm[i, j]}\n({100 * frac[i, j]:.1f}%)" if normalize else f"{cm[i, j]}"
@@ -151,9 +149,7 @@ def plot_slice_probabilities(
     fig = Figure(figsize=(max(FIGSIZE[0], min(10.0, 3.0 + p.size / 40)), FIGSIZE[1]), dpi=DPI)
     ax = fig.subplots()
     for k, (a, b) in enumerate(_runs(~sel)):
-        ax.axvspan(
-            a - 0.5, b - 0.5, color="0.88", zorder=0, label="dropped by slice selection" if k == 0 else None
-        )
+        ax.axvspan(a - 0.5, b - 0.5, color="0.88", zorder=0, label="dropped by slice selection" if k == 0 else None)
     dropped = ~sel & finite
     if dropped.any():
         ax.plot(x[dropped], p[dropped], linestyle="none", marker="o", markersize=3, color="0.55")

@@ -60,9 +60,7 @@ def _validate_probs(probs: ArrayLike) -> np.ndarray:
     if np.isnan(p).any():
         raise ValueError(f"slice probabilities contain NaN ({int(np.isnan(p).sum())} of {p.size} slices)")
     if p.min() < 0.0 or p.max() > 1.0:
-        raise ValueError(
-            f"slice probabilities must lie in [0, 1], got values from {p.min():.6g} to {p.max():.6g}"
-        )
+        raise ValueError(f"slice probabilities must lie in [0, 1], got values from {p.min():.6g} to {p.max():.6g}")
     return p
 
 
