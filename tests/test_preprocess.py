@@ -67,16 +67,16 @@ def test_short_or_flat_series_keep_every_slice_and_say_why():
     assert flat.kept.all() and "barely vary" in flat.note
 
 
-def test_fit_square_pads_then_resizes_and_unfit_square_inverts_geometry():
+def test_fit_square_resizes_without_padding_and_unfit_square_restores_the_shape():
     img = np.zeros((100, 50), np.float32)
-    img[:, :] = 1.0
+    img[:50] = 1.0  # top half bright
     sq = fit_square(img, 64)
     assert sq.shape == (1, 64, 64)
-    # the 50-wide image sits in the middle half of the padded square
-    assert sq[0, 32, 2].item() == 0.0 and sq[0, 32, 32].item() == pytest.approx(1.0)
+    # the bright top half fills the top half of the square: no black padding at the sides
+    assert sq[0, 10, 1].item() == pytest.approx(1.0) and sq[0, 54, 32].item() == pytest.approx(0.0)
     back = unfit_square(sq.numpy(), 100, 50)
     assert back.shape == (1, 100, 50)
-    assert back[0, 10:90, 5:45].min() > 0.9
+    assert back[0, 5:45].min() > 0.9 and back[0, 55:].max() < 0.1
 
 
 def test_model_batch_normalises_per_channel():

@@ -83,6 +83,7 @@ def test_small_cv_beats_chance_and_resumes(covid_ct, tmp_path, capsys):
     metrics = json.loads((run / "cv_metrics.json").read_text())
     assert set(metrics["slice"]) >= {"auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "iou"}
     assert set(metrics["patient_rules"]) == {"threshold-0", "threshold-10", "consecutive", "mean"}
+    assert 0.0 < metrics["operating_point"]["threshold"] <= 1.0
     assert metrics["ci95"]["slice"]["auc"][0] <= metrics["slice"]["auc"] <= metrics["ci95"]["slice"]["auc"][1]
     with open(run / "fold_1" / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
@@ -103,3 +104,13 @@ def test_small_cv_beats_chance_and_resumes(covid_ct, tmp_path, capsys):
     with pytest.raises(InputError, match="different settings"):
         train(TrainConfig(**{**cfg.__dict__, "epochs": 7}), resume=True)
     shutil.rmtree(run)
+
+
+def test_youden_operating_point_hand_computed():
+    from lungsight.train.report import youden_operating_point
+
+    op = youden_operating_point(np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.55, 0.7, 0.9]))
+    # at 0.7: tpr 2/3, fpr 0 -> J 0.667; at 0.55: tpr 1, fpr 1/2 -> J 0.5
+    assert op["threshold"] == pytest.approx(0.7)
+    assert op["sensitivity"] == pytest.approx(2 / 3) and op["specificity"] == 1.0
+    assert youden_operating_point(np.array([1, 1]), np.array([0.2, 0.9])) is None

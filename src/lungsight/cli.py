@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", type=Path, help="local backbone weights file (.safetensors or .pth state dict)")
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (val AUC)")
+    p.add_argument(
+        "--slice-threshold",
+        type=float,
+        default=0.5,
+        help="operating threshold stored in the model (a CV run suggests one: Youden's J out of fold)",
+    )
+    p.add_argument("--min-epochs", type=int, help="epochs before a model may be selected (default: a third)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
     p.add_argument("--max-patients", type=int, help="train on a random subset of patients (quick checks)")
@@ -143,6 +150,8 @@ def _train(args: argparse.Namespace) -> int:
         augment=args.augment,
         pretrained=pretrained,
         patience=args.patience,
+        min_epochs=args.min_epochs,
+        slice_threshold=args.slice_threshold,
         seed=args.seed,
         workers=args.workers,
         max_patients=args.max_patients,

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from lungsight.evaluate.summary import write_evaluation
+from lungsight.fileio import atomic_write_csv
 from lungsight.inference.detector import Detector
-from lungsight.models.weights import atomic_write_text
 from lungsight.train.data import load_unit, read_labels
 
 
@@ -37,13 +35,8 @@ def evaluate_folder(
         {"file": str(it.path), "patient_id": it.patient_id, "label": it.label, "p": float(p)}
         for it, p in zip(items, probs, strict=True)
     ]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.csv", buf.getvalue())
+    atomic_write_csv(out / "predictions.csv", rows)
     return write_evaluation(
         out,
         [r["patient_id"] for r in rows],

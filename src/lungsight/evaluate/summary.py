@@ -3,7 +3,6 @@ patient-bootstrap 95 % confidence intervals, ROC curves and confusion matrices."
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,8 @@ import numpy as np
 
 from lungsight.evaluate.metrics import binary_metrics, bootstrap_ci, patient_scores
 from lungsight.evaluate.plots import plot_confusion, plot_roc
+from lungsight.fileio import atomic_write_json
 from lungsight.inference.rules import RULES
-from lungsight.models.weights import atomic_write_text
 
 HEADLINE = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "iou")
 
@@ -98,5 +97,5 @@ def write_evaluation(
         out_dir / "confusion_patient.png",
         title=f"Patients ({rule})",
     )
-    atomic_write_text(out_dir / "metrics.json", json.dumps(m, indent=2, default=float))
+    atomic_write_json(out_dir / "metrics.json", m)
     return m

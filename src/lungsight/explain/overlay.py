@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, features
 
+from lungsight.fileio import atomic_write
+
 CAM_FLOOR = 0.05  # map values at or below this are left uncoloured
 OUTLINE_RGB = (255, 0, 255)  # magenta: absent from both the grey slice and the jet colour map
 PANEL_GAP = 4  # white pixels between the two panels of a saved overlay
@@ -148,11 +150,4 @@ def save_overlay(
         framed.paste(image, (0, 0))
         framed.paste(strip, (0, h))
         image = framed
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    try:
-        image.save(tmp, format="PNG", compress_level=3)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=3))

@@ -5,7 +5,6 @@ Only these names inside ``out_dir`` are written (atomically); nothing else in th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from lungsight.evaluate.plots import plot_slice_probabilities
 from lungsight.explain.overlay import save_overlay
-from lungsight.models.weights import atomic_write_text
+from lungsight.fileio import atomic_write_json
 from lungsight.report.html import write_report
 
 DISPLAY_MIN = 256
@@ -57,5 +56,5 @@ def write_outputs(pred: Prediction, out_dir: Path) -> Path:
         out_dir / "slice_probabilities.png",
         title="Per-slice probability",
     )
-    atomic_write_text(out_dir / "result.json", json.dumps(result, indent=2))
+    atomic_write_json(out_dir / "result.json", result)
     return write_report(result, out_dir, figures={"Slice probabilities": plot_path})

@@ -20,8 +20,9 @@ from typing import Any
 from torch import nn
 
 from lungsight.errors import ModelError
+from lungsight.fileio import atomic_write, atomic_write_text
 from lungsight.models.registry import build_model
-from lungsight.models.weights import atomic_write, atomic_write_text, read_checkpoint, sha256_file
+from lungsight.models.weights import read_checkpoint, sha256_file
 
 BUNDLED = Path(str(resources.files("lungsight") / "pretrained"))
 

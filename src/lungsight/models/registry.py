@@ -136,7 +136,7 @@ def _fpn(num_classes: int, input_size: int, in_chans: int, imagenet: bool, weigh
 _PAPER_002 = {"optimizer": "nadam", "lr": 1e-4, "batch_size": 14, "epochs": 50, "augment": "paper002"}
 _PAPER_001 = {"optimizer": "sgd", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
 _PAPER_000 = {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
-_CPU = {"optimizer": "adamw", "lr": 1e-3, "batch_size": 32, "epochs": 40, "augment": "light"}
+_CPU = {"optimizer": "adamw", "lr": 1e-3, "batch_size": 32, "epochs": 30, "augment": "light"}
 
 register(
     ModelSpec(
@@ -182,9 +182,9 @@ register(
 register(
     ModelSpec(
         "resnet18",
-        "ResNet18, single-channel input: the CPU-speed candidate",
+        "ResNet18, single-channel input: ct-default's architecture (chosen by CV and speed, docs/model-selection.md)",
         "ours",
-        224,
+        112,
         in_chans=1,
         mean=GREY_MEAN,
         std=GREY_STD,

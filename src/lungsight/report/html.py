@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lungsight.about import DISCLAIMER, __version__
+from lungsight.fileio import atomic_write_text
 
 REPORT_NAME = "report.html"
 
@@ -390,11 +390,4 @@ def write_report(result: dict, out_dir: Path, *, figures: dict[str, Path] | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render_report(result, out_dir, figures=figures)
-    path = out_dir / REPORT_NAME
-    tmp = out_dir / f".{REPORT_NAME}.tmp"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(out_dir / REPORT_NAME, text)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sklearn.metrics import roc_curve
+
 from lungsight.evaluate.metrics import fold_table_markdown, summarize_folds
 from lungsight.evaluate.summary import HEADLINE, slice_and_patient_metrics, write_evaluation
-from lungsight.models.weights import atomic_write_text
+from lungsight.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
 def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], cfg: Any) -> dict[str, Any]:
     """Write cv_predictions.csv, cv_metrics.json, cv_table.md, roc.png and confusion.png into ``out``."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "cv_predictions.csv", buf.getvalue())
+    atomic_write_csv(out / "cv_predictions.csv", rows)
     positive = classes[-1]
     per_fold_slice, per_fold_patient = [], []
     folds = sorted({int(r["fold"]) for r in rows})
@@ -33,7 +29,10 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
         )
         per_fold_slice.append({"fold": k} | {h: m["slice"][h] for h in HEADLINE})
         per_fold_patient.append({"fold": k} | {h: m["patient"][h] for h in HEADLINE})
-        atomic_write_text(out / f"fold_{k}" / "metrics.json", json.dumps(m, indent=2, default=float))
+        atomic_write_json(out / f"fold_{k}" / "metrics.json", m)
+    y_all = np.array([int(r["label"] == positive) for r in rows])
+    p_all = np.array([float(r["p"]) for r in rows])
+    operating = youden_operating_point(y_all, p_all)
     pooled = write_evaluation(
         out,
         [r["patient_id"] for r in rows],
@@ -46,6 +45,7 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
                 "slice": summarize_folds(per_fold_slice),
                 "patient": summarize_folds(per_fold_patient),
             },
+            "operating_point": operating,
             "model": cfg.model,
             "command": cfg.command,
         },
@@ -63,4 +63,26 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
         f"pooled out-of-fold slice AUC {pooled['slice']['auc']:.3f}; tables in {out / 'cv_table.md'}",
         flush=True,
     )
+    if operating:
+        print(
+            f"suggested operating threshold (Youden's J, out of fold): {operating['threshold']:.3f} "
+            f"(sensitivity {operating['sensitivity']:.3f}, specificity {operating['specificity']:.3f}); "
+            "pass it to the final fit with --slice-threshold",
+            flush=True,
+        )
     return pooled
+
+
+def youden_operating_point(y: np.ndarray, p: np.ndarray) -> dict[str, float] | None:
+    """The threshold maximising sensitivity + specificity - 1 on out-of-fold predictions (selected on the same
+    predictions, so the sensitivity/specificity it reports are optimistic)."""
+    if len(set(y.tolist())) < 2:
+        return None
+    fpr, tpr, thresholds = roc_curve(y, p)
+    k = int(np.argmax(tpr - fpr))
+    return {
+        "threshold": float(min(thresholds[k], 1.0)),
+        "sensitivity": float(tpr[k]),
+        "specificity": float(1 - fpr[k]),
+        "method": "Youden's J on pooled out-of-fold slice probabilities",
+    }

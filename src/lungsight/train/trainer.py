@@ -14,7 +14,6 @@ Run folder layout (``--out``)::
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -33,8 +32,9 @@ from tqdm import tqdm
 
 from lungsight.about import __version__
 from lungsight.errors import InputError
+from lungsight.fileio import atomic_write_csv, atomic_write_json
 from lungsight.models.registry import build_model, get_spec
-from lungsight.models.weights import atomic_torch_save, atomic_write_text, save_checkpoint
+from lungsight.models.weights import atomic_torch_save, save_checkpoint
 from lungsight.preprocess.window import LUNG_WINDOW
 from lungsight.train.data import POSITIVE, Item, SliceDataset, class_names, read_labels
 from lungsight.train.splits import class_weights, patient_folds, validation_split
@@ -57,6 +57,8 @@ class TrainConfig:
     augment: str | None = None
     pretrained: str | None = None
     patience: int = 10
+    min_epochs: int | None = None
+    slice_threshold: float = 0.5
     val_fraction: float = 0.15
     seed: int = 0
     workers: int = 1
@@ -73,6 +75,7 @@ class TrainConfig:
         c.optimizer = c.optimizer or d.get("optimizer", "adamw")
         c.augment = c.augment or d.get("augment", "paper002")
         c.input_size = c.input_size or get_spec(self.model).input_size
+        c.min_epochs = max(1, c.epochs // 3) if c.min_epochs is None else max(1, c.min_epochs)
         return c
 
 
@@ -100,7 +103,7 @@ def model_config(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
         "mean": list(spec.mean),
         "std": list(spec.std),
         "window": list(LUNG_WINDOW),
-        "slice_threshold": 0.5,
+        "slice_threshold": cfg.slice_threshold,
         "default_rule": "threshold-10",
         "consecutive_n": 15,
         "lungsight_version": __version__,
@@ -198,10 +201,12 @@ class FoldTrainer:
             row["seconds"] = time.perf_counter() - t0
             st["history"].append(row)
             st["epoch"] = epoch
-            if score > st["best_score"]:
+            # Warm-up: before min_epochs no model is selected (a small validation split can favour an untrained
+            # model by chance) and patience does not run.
+            if epoch >= cfg.min_epochs and score > st["best_score"]:
                 st.update(best_score=score, best_epoch=epoch, bad_epochs=0)
                 save_checkpoint(model, model_config(cfg, self.classes) | {"epoch": epoch}, best_path)
-            else:
+            elif epoch >= cfg.min_epochs:
                 st["bad_epochs"] += 1
             atomic_torch_save(
                 {
@@ -212,7 +217,7 @@ class FoldTrainer:
                 },
                 state_path,
             )
-            _write_history(self.dir / "history.csv", st["history"])
+            atomic_write_csv(self.dir / "history.csv", st["history"])
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",))
             print(f"[{tag}] epoch {epoch}/{cfg.epochs}: {shown}", flush=True)
         from lungsight.models.weights import read_checkpoint
@@ -221,15 +226,6 @@ class FoldTrainer:
         model.load_state_dict(state)
         model.eval()
         return model
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def _write_predictions(
@@ -246,11 +242,7 @@ def _write_predictions(
         }
         for j, i in enumerate(idx)
     ]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows)
     return rows
 
 
@@ -296,7 +288,7 @@ def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
             raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_json, json.dumps(asdict(cfg), indent=2))
+    atomic_write_json(run_json, asdict(cfg))
     return out
 
 
@@ -347,7 +339,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         probs = predict_items(model, test_ds, cfg.batch_size, cfg.workers)
         rows = _write_predictions(fold_dir / "predictions.csv", items, test_idx, probs, k, classes)
         all_rows += rows
-        atomic_write_text(done, json.dumps({"fold": k, "n_test": len(test_idx)}))
+        atomic_write_json(done, {"fold": k, "n_test": len(test_idx)})
     from lungsight.train.report import write_cv_report
 
     return write_cv_report(out, all_rows, classes, cfg)
