@@ -102,3 +102,29 @@ def dicom_copy() -> Callable[..., list[Path]]:
     leave it out; ``rename(index, name)`` gives the copy's file name. Returns the written paths.
     """
     return _copy_series
+
+
+def write_tiny_model(path: Path, seed: int = 0) -> tuple[object, Path]:
+    """A random-weight ResNet18 (64 px) saved as a complete lungsight model file: for tests whose behaviour does
+    not depend on what the model learned. Returns (model, path)."""
+    import torch
+
+    from lungsight.models import build_model
+    from lungsight.models.weights import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model("resnet18", input_size=64)
+    cfg = {
+        "arch": "resnet18",
+        "classes": ["non-covid", "covid"],
+        "positive_class": "covid",
+        "input_size": 64,
+        "in_chans": 1,
+        "mean": [0.5],
+        "std": [0.25],
+        "window": [-1350.0, 150.0],
+        "slice_threshold": 0.5,
+        "default_rule": "threshold-10",
+        "consecutive_n": 15,
+    }
+    return model, save_checkpoint(model, cfg, path)

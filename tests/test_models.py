@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from conftest import write_tiny_model
 from lungsight.errors import ModelError, WeightsUnavailableError
 from lungsight.models import MODELS, build_model
 from lungsight.models import pretrained as pt
-from lungsight.models.weights import load_state_dict, read_checkpoint, save_checkpoint, sha256_file
+from lungsight.models.weights import load_state_dict, read_checkpoint, sha256_file
 
 SMALL = {"inception-v3": 96, "xception": 96}
 
@@ -104,18 +105,7 @@ def test_weights_files_are_never_unpickled(tmp_path):
 
 
 def _model_file(tmp_path, name="m.safetensors"):
-    model = build_model("resnet18", input_size=64)
-    cfg = {
-        "arch": "resnet18",
-        "classes": ["non-covid", "covid"],
-        "positive_class": "covid",
-        "input_size": 64,
-        "in_chans": 1,
-        "mean": [0.5],
-        "std": [0.25],
-        "window": [-1350, 150],
-    }
-    return model, save_checkpoint(model, cfg, tmp_path / name)
+    return write_tiny_model(tmp_path / name)
 
 
 def test_checkpoint_round_trip_keeps_config_and_weights(tmp_path):
