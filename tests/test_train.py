@@ -114,3 +114,24 @@ def test_youden_operating_point_hand_computed():
     assert op["threshold"] == pytest.approx(0.7)
     assert op["sensitivity"] == pytest.approx(2 / 3) and op["specificity"] == 1.0
     assert youden_operating_point(np.array([1, 1]), np.array([0.2, 0.9])) is None
+
+
+def test_unavailable_imagenet_weights_fail_before_a_run_folder_exists(covid_ct, tmp_path, monkeypatch):
+    from lungsight.errors import WeightsUnavailableError
+
+    def offline(*a, **k):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("lungsight.models.architectures.timm.create_model", offline)
+    cfg = TrainConfig(
+        data=str(covid_ct),
+        model="resnet18",
+        out=str(tmp_path / "run"),
+        folds=2,
+        epochs=1,
+        pretrained="imagenet",
+        max_patients=20,
+    )
+    with pytest.raises(WeightsUnavailableError, match="--pretrained none"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -219,7 +219,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings on bad files repeat our one-line error
+    for noisy in ("pydicom", "huggingface_hub"):  # their warnings repeat what our one-line error says
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except LungsightError as exc:

@@ -300,6 +300,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     classes = class_names(items)
     if len(classes) < 2:
         raise InputError(f"{cfg.data}: need at least two labels, found {classes}")
+    if cfg.pretrained:  # obtain the weights (or fail with the way forward) before a run folder exists
+        build_model(cfg.model, len(classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
     out = prepare_run(cfg, resume)
     n_pat = len({it.patient_id for it in items})
     print(
