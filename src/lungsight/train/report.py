@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from lungsight.evaluate.metrics import fold_table_markdown, summarize_folds
-from lungsight.evaluate.summary import HEADLINE, slice_and_patient_metrics, write_evaluation
+from lungsight.evaluate.metrics import METRICS, fold_table_markdown, summarize_folds
+from lungsight.evaluate.summary import slice_and_patient_metrics, write_evaluation
 from lungsight.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 
 
@@ -27,8 +27,8 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
             [float(r["p"]) for r in fr],
             n_boot=200,
         )
-        per_fold_slice.append({"fold": k} | {h: m["slice"][h] for h in HEADLINE})
-        per_fold_patient.append({"fold": k} | {h: m["patient"][h] for h in HEADLINE})
+        per_fold_slice.append({"fold": k} | {h: m["slice"][h] for h in METRICS})
+        per_fold_patient.append({"fold": k} | {h: m["patient"][h] for h in METRICS})
         atomic_write_json(out / f"fold_{k}" / "metrics.json", m)
     y_all = np.array([int(r["label"] == positive) for r in rows])
     p_all = np.array([float(r["p"]) for r in rows])
@@ -36,9 +36,10 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
     pooled = write_evaluation(
         out,
         [r["patient_id"] for r in rows],
-        [int(r["label"] == positive) for r in rows],
-        [float(r["p"]) for r in rows],
+        y_all,
+        p_all,
         classes,
+        metrics_name="cv_metrics.json",
         extra={
             "per_fold": {"slice": per_fold_slice, "patient": per_fold_patient},
             "mean_sd": {
@@ -50,7 +51,6 @@ def write_cv_report(out: Path, rows: list[dict[str, Any]], classes: list[str], c
             "command": cfg.command,
         },
     )
-    (out / "metrics.json").replace(out / "cv_metrics.json")
     table = (
         f"# Cross-validation: {cfg.model}\n\nCommand: `{cfg.command}`\n\n## Slice level\n\n"
         f"{fold_table_markdown(per_fold_slice)}\n\n## Patient level (threshold-10)\n\n"
