@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lungsight.errors import InputError
+from lungsight.io.images import natural_key
 from lungsight.preprocess.transforms import augmentation, fit_square, normalise
 from lungsight.preprocess.window import to_unit
 
@@ -27,10 +27,6 @@ class Item:
     @property
     def file(self) -> str:
         return self.path.name
-
-
-def _natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
 def read_labels(data_dir: Path) -> list[Item]:
@@ -57,7 +53,7 @@ def read_labels(data_dir: Path) -> list[Item]:
         if not path.is_file():
             raise InputError(f"{csv_path}:{n}: {path} does not exist")
         items.append(Item(path, row["label"].strip(), row["patient_id"].strip()))
-    items.sort(key=lambda it: (it.patient_id, _natural_key(it.file)))
+    items.sort(key=lambda it: (it.patient_id, natural_key(it.file)))
     return items
 
 

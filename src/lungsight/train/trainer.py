@@ -34,7 +34,7 @@ from lungsight.about import __version__
 from lungsight.errors import InputError
 from lungsight.fileio import atomic_write_csv, atomic_write_json
 from lungsight.models.registry import build_model, get_spec
-from lungsight.models.weights import atomic_torch_save, save_checkpoint
+from lungsight.models.weights import atomic_torch_save, read_checkpoint, save_checkpoint
 from lungsight.preprocess.window import LUNG_WINDOW
 from lungsight.train.data import POSITIVE, Item, SliceDataset, class_names, read_labels
 from lungsight.train.splits import class_weights, patient_folds, validation_split
@@ -143,10 +143,13 @@ class FoldTrainer:
 
     def __init__(self, cfg: TrainConfig, items: list[Item], classes: list[str], fold_dir: Path) -> None:
         self.cfg, self.items, self.classes, self.dir = cfg, items, classes, fold_dir
-        spec = get_spec(cfg.model)
-        self.spec = spec
-        self.make_ds = lambda idx, aug: SliceDataset(
-            [items[i] for i in idx], classes, cfg.input_size, spec.in_chans, spec.mean, spec.std, aug
+        self.spec = get_spec(cfg.model)
+
+    def make_ds(self, idx: np.ndarray, augment: str) -> SliceDataset:
+        """The items at ``idx`` as model inputs, with the given augmentation."""
+        s = self.spec
+        return SliceDataset(
+            [self.items[i] for i in idx], self.classes, self.cfg.input_size, s.in_chans, s.mean, s.std, augment
         )
 
     def fit(self, train_idx: np.ndarray, val_idx: np.ndarray | None, tag: str) -> nn.Module:
@@ -220,8 +223,6 @@ class FoldTrainer:
             atomic_write_csv(self.dir / "history.csv", st["history"])
             shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch",))
             print(f"[{tag}] epoch {epoch}/{cfg.epochs}: {shown}", flush=True)
-        from lungsight.models.weights import read_checkpoint
-
         state, _ = read_checkpoint(best_path)
         model.load_state_dict(state)
         model.eval()
@@ -328,16 +329,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         tr, va = validation_split(items, train_idx, cfg.val_fraction, cfg.seed + k)
         tag = f"fold {k}/{cfg.folds}"
         print(f"[{tag}] train {len(tr)} / val {len(va)} / test {len(test_idx)} images", flush=True)
-        model = FoldTrainer(cfg, items, classes, fold_dir).fit(tr, va, tag)
-        test_ds = SliceDataset(
-            [items[i] for i in test_idx],
-            classes,
-            cfg.input_size,
-            get_spec(cfg.model).in_chans,
-            get_spec(cfg.model).mean,
-            get_spec(cfg.model).std,
-            "none",
-        )
+        trainer = FoldTrainer(cfg, items, classes, fold_dir)
+        model = trainer.fit(tr, va, tag)
+        test_ds = trainer.make_ds(test_idx, "none")
         probs = predict_items(model, test_ds, cfg.batch_size, cfg.workers)
         rows = _write_predictions(fold_dir / "predictions.csv", items, test_idx, probs, k, classes)
         all_rows += rows
