@@ -59,3 +59,16 @@ def test_bundled_example_needs_no_shared_data(detector, tmp_path):
     _compare(summary(pred.result), REFS[BUNDLED_EXAMPLE])
     report = pred.save(tmp_path)
     assert report.name == "report.html" and len(list((tmp_path / "overlays").glob("*.png"))) == 4
+
+
+def test_batch_apis_agree_with_predict(detector, shared_data):
+    import numpy as np
+
+    from lungsight.preprocess.window import to_unit
+
+    study = lungsight.load_study(shared_data / CASES["dicom-series"])
+    result = detector.predict(study, explain=False).result
+    unit = to_unit(study.pixels, study.intensity)
+    p_pos = [s["p"] for s in result["slice_probabilities"]]
+    np.testing.assert_allclose(detector.slice_probabilities(unit, batch_size=7)[:, -1], p_pos, atol=1e-5)
+    np.testing.assert_allclose(detector.image_probabilities(list(unit[:3]))[:, -1], p_pos[:3], atol=1e-5)

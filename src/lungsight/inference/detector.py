@@ -21,9 +21,9 @@ from lungsight.errors import InputContractError
 from lungsight.explain.gradcam import GradCAM
 from lungsight.inference.rules import RULES, apply_all_rules
 from lungsight.models.pretrained import ModelEntry, load_model
-from lungsight.preprocess.selection import select_slices
+from lungsight.preprocess.selection import SliceSelection, select_slices
 from lungsight.preprocess.transforms import model_batch, unfit_square
-from lungsight.preprocess.window import to_unit
+from lungsight.preprocess.window import LUNG_WINDOW, to_unit
 from lungsight.study import Study
 
 
@@ -93,22 +93,26 @@ class Detector:
         return model_batch(unit, c["input_size"], c["in_chans"], tuple(c["mean"]), tuple(c["std"]))
 
     @torch.inference_mode()
+    def _softmax(self, x: torch.Tensor) -> np.ndarray:
+        return torch.softmax(self.model(x), dim=1).numpy()
+
     def slice_probabilities(self, unit_slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """Softmax ``(N, classes)`` for grey slices in [0, 1] of shape ``(N, H, W)``."""
         out = [
-            torch.softmax(self.model(self._inputs(unit_slices[i : i + batch_size])), dim=1)
-            for i in range(0, len(unit_slices), batch_size)
+            self._softmax(self._inputs(unit_slices[i : i + batch_size])) for i in range(0, len(unit_slices), batch_size)
         ]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate(out) if out else self._empty()
 
-    @torch.inference_mode()
     def image_probabilities(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Softmax ``(N, classes)`` for single grey images in [0, 1] that may differ in size."""
         out = [
-            torch.softmax(self.model(torch.cat([self._inputs(u[None]) for u in images[i : i + batch_size]])), 1)
+            self._softmax(torch.cat([self._inputs(u[None]) for u in images[i : i + batch_size]]))
             for i in range(0, len(images), batch_size)
         ]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate(out) if out else self._empty()
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, len(self.classes)), np.float32)
 
     def explain(self, unit_slices: np.ndarray, class_idx: int | None = None) -> np.ndarray:
         """Grad-CAM maps of ``class_idx`` (default: the positive class), at the slices' own resolution."""
@@ -140,33 +144,30 @@ class Detector:
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         t0 = time.perf_counter()
-        window = tuple(self.config.get("window", (-1350.0, 150.0)))
+        window = tuple(self.config.get("window", LUNG_WINDOW))
         if select:
             selection = select_slices(study.pixels, study.intensity)
         else:
-            from lungsight.preprocess.selection import SliceSelection
-
-            n = study.n_slices
-            selection = SliceSelection(np.ones(n, bool), np.zeros(n), None, "none", "selection disabled")
+            selection = SliceSelection.keep_all(np.zeros(study.n_slices), "none", "selection disabled")
         t_pre = time.perf_counter() - t0
         probs = np.full((study.n_slices, len(self.classes)), np.nan, np.float32)
         t1 = time.perf_counter()
         kept = selection.kept_indices
         for i in range(0, len(kept), batch_size):
             idx = kept[i : i + batch_size]
-            probs[idx] = self.slice_probabilities(to_unit(study.pixels[idx], study.intensity, window), batch_size)
+            probs[idx] = self._softmax(self._inputs(to_unit(study.pixels[idx], study.intensity, window)))
         t_inf = time.perf_counter() - t1
         p_pos = probs[kept, self.positive]
         kw = {
             "slice_threshold": self.config.get("slice_threshold", 0.5),
             "consecutive_n": self.config.get("consecutive_n", 15),
         }
-        rules = {name: r.to_dict() for name, r in apply_all_rules(p_pos, **kw).items()}
-        chosen = rules[rule]
         negative = self.classes[1 - self.positive] if len(self.classes) == 2 else "not " + self.classes[self.positive]
-        decision = chosen | {"label": self.classes[self.positive] if chosen["positive"] else negative}
-        for r in rules.values():
-            r["label"] = self.classes[self.positive] if r["positive"] else negative
+        rules = {
+            name: r.to_dict() | {"label": self.classes[self.positive] if r.positive else negative}
+            for name, r in apply_all_rules(p_pos, **kw).items()
+        }
+        decision = dict(rules[rule])
         mean = probs[kept].mean(axis=0)
         evidence: list[Evidence] = []
         t2 = time.perf_counter()

@@ -50,6 +50,11 @@ class SliceSelection:
     def dropped_indices(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.kept)]
 
+    @classmethod
+    def keep_all(cls, counts: np.ndarray, method: str, note: str, params: dict | None = None) -> SliceSelection:
+        """Every slice kept, with the reason in ``note``."""
+        return cls(np.ones(len(counts), bool), counts, None, method, note, params or {})
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
@@ -97,11 +102,11 @@ def select_slices(
         "min_slices": min_slices,
     }
     if n < min_slices:
-        return SliceSelection(np.ones(n, bool), counts, None, method, f"{n} slice(s) < {min_slices}: all kept", params)
+        return SliceSelection.keep_all(counts, method, f"{n} slice(s) < {min_slices}: all kept", params)
     box_area = 512.0 * 512.0 * (BOX_X[1] - BOX_X[0]) * (BOX_Y[1] - BOX_Y[0])
     spread = float(counts.max() - counts.min())
     if spread < MIN_SPREAD * box_area:
-        return SliceSelection(np.ones(n, bool), counts, None, method, "dark-pixel counts barely vary: all kept", params)
+        return SliceSelection.keep_all(counts, method, "dark-pixel counts barely vary: all kept", params)
     threshold = spread / divisor
     kept = counts > threshold
     return SliceSelection(kept, counts, threshold, method, "", params)
