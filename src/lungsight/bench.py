@@ -62,8 +62,8 @@ def run_bench(
             pred, t_decision = _timed(det.predict, study, explain=False)
             _, t_full = _timed(_full_path, det, path, Path(tmp) / f"out{r}")
             sel = pred.result["slices"]["selected"]
-            x = det._inputs(to_unit(study.pixels[sel], study.intensity, window))
-            x_all = det._inputs(to_unit(study.pixels, study.intensity, window))
+            x = det.inputs(to_unit(study.pixels[sel], study.intensity, window))
+            x_all = det.inputs(to_unit(study.pixels, study.intensity, window))
             _, t_fwd = _timed(_forward, det.model, x)
             _, t_fwd_all = _timed(_forward, det.model, x_all)
             if r:

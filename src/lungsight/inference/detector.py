@@ -88,7 +88,8 @@ class Detector:
         model, config, entry = load_model(name_or_path)
         return cls(model, config, entry)
 
-    def _inputs(self, unit: np.ndarray) -> torch.Tensor:
+    def inputs(self, unit: np.ndarray) -> torch.Tensor:
+        """Grey slices in [0, 1] ``(N, H, W)`` -> the normalised tensor this model was trained on."""
         c = self.config
         return model_batch(unit, c["input_size"], c["in_chans"], tuple(c["mean"]), tuple(c["std"]))
 
@@ -99,14 +100,14 @@ class Detector:
     def slice_probabilities(self, unit_slices: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """Softmax ``(N, classes)`` for grey slices in [0, 1] of shape ``(N, H, W)``."""
         out = [
-            self._softmax(self._inputs(unit_slices[i : i + batch_size])) for i in range(0, len(unit_slices), batch_size)
+            self._softmax(self.inputs(unit_slices[i : i + batch_size])) for i in range(0, len(unit_slices), batch_size)
         ]
         return np.concatenate(out) if out else self._empty()
 
     def image_probabilities(self, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Softmax ``(N, classes)`` for single grey images in [0, 1] that may differ in size."""
         out = [
-            self._softmax(torch.cat([self._inputs(u[None]) for u in images[i : i + batch_size]]))
+            self._softmax(torch.cat([self.inputs(u[None]) for u in images[i : i + batch_size]]))
             for i in range(0, len(images), batch_size)
         ]
         return np.concatenate(out) if out else self._empty()
@@ -118,7 +119,7 @@ class Detector:
         """Grad-CAM maps of ``class_idx`` (default: the positive class), at the slices' own resolution."""
         cls = self.positive if class_idx is None else class_idx
         with GradCAM(self.model, self.model.cam_layer) as cam:
-            maps = cam(self._inputs(unit_slices), cls)
+            maps = cam(self.inputs(unit_slices), cls)
         return unfit_square(maps, unit_slices.shape[1], unit_slices.shape[2])
 
     def predict(
@@ -155,7 +156,7 @@ class Detector:
         kept = selection.kept_indices
         for i in range(0, len(kept), batch_size):
             idx = kept[i : i + batch_size]
-            probs[idx] = self._softmax(self._inputs(to_unit(study.pixels[idx], study.intensity, window)))
+            probs[idx] = self._softmax(self.inputs(to_unit(study.pixels[idx], study.intensity, window)))
         t_inf = time.perf_counter() - t1
         p_pos = probs[kept, self.positive]
         kw = {

@@ -52,7 +52,7 @@ def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     plot_path = plot_slice_probabilities(
         probs,
         selected,
-        result["rules"]["mean"]["params"].get("slice_threshold", 0.5),
+        result["decision"]["params"]["slice_threshold"],
         out_dir / "slice_probabilities.png",
         title="Per-slice probability",
     )
