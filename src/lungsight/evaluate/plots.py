@@ -1,4 +1,5 @@
-"""Evaluation pictures: ROC curves, confusion matrices and per-slice probabilities along a series.
+"""Evaluation pictures: ROC curves, confusion matrices, per-slice probabilities along a series, and for the
+three-class X-ray evaluation one-vs-rest ROC curves, the bias audit chart and embedding scatter plots.
 
 Figures are drawn on matplotlib's ``Figure`` directly (Agg renderer, no pyplot, no display, no global state),
 so they are safe to make from a server thread. Each function writes one PNG and returns its path.
@@ -9,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from lungsight.fileio import atomic_write
 
 DPI = 110
 FIGSIZE = (5.0, 4.0)
@@ -209,3 +214,172 @@ def plot_slice_probabilities(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- multi-class, bias audit and embedding pictures
+
+
+def _save_atomic(fig: Figure, path: str | Path) -> Path:
+    """Write the PNG through :func:`lungsight.fileio.atomic_write` (temporary file, then rename)."""
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+
+
+def plot_multiclass_roc(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "ROC, one class against the rest",
+) -> Path:
+    """One-vs-rest ROC curve of each class (its probability column against membership) with its AUC, the vertical
+    mean of those curves, and the macro AUC (mean of the per-class AUCs) in the legend.
+
+    ``y_true`` holds class indices into ``classes``; ``probs`` is (n, k). A class absent from ``y_true`` (or the
+    only one present) has no curve and is listed as ``AUC n/a``.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(probs, dtype=float)
+    if p.shape != (y.size, len(classes)):
+        raise ValueError(f"probs must have shape ({y.size}, {len(classes)}), got {p.shape}")
+    grid = np.linspace(0.0, 1.0, 201)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    tprs, aucs = [], []
+    for k, name in enumerate(classes):
+        member = y == k
+        if member.all() or not member.any():
+            ax.plot([], [], label=f"{name} (AUC n/a: absent)" if not member.any() else f"{name} (AUC n/a: only class)")
+            continue
+        fpr, tpr, _ = roc_curve(member, p[:, k])
+        aucs.append(roc_auc_score(member, p[:, k]))
+        tprs.append(np.interp(grid, fpr, tpr))
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{name} (AUC {aucs[-1]:.3f})")
+    if tprs:
+        mean_tpr = np.mean(tprs, axis=0)
+        mean_tpr[0] = 0.0
+        label = f"mean; macro AUC {np.mean(aucs):.3f}"
+        ax.plot(grid, mean_tpr, color="black", linewidth=2.2, linestyle=":", label=label)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 − specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save_atomic(fig, path)
+
+
+def plot_group_metrics(
+    values: Sequence[str],
+    n: Sequence[int],
+    error_rate: Sequence[float],
+    error_ci: Sequence[Sequence[float] | None],
+    recall: Mapping[str, Sequence[float | None]],
+    path: str | Path,
+    *,
+    too_few: Sequence[bool] | None = None,
+    title: str = "Errors by group",
+) -> Path:
+    """Bias audit picture: left, the error rate of each group with its 95 % interval (whiskers) and n; right, the
+    recall of each class within each group ("n/a" where the class is absent from the group).
+
+    Groups flagged in ``too_few`` are drawn hatched and pale: reported, but too few to compare.
+    """
+    g = len(values)
+    if not g or not (len(n) == len(error_rate) == len(error_ci) == g):
+        raise ValueError("values, n, error_rate and error_ci must have the same, non-zero length")
+    few = list(too_few) if too_few is not None else [False] * g
+    x = np.arange(g)
+    ticks = [f"{v}\n(n={k})" for v, k in zip(values, n, strict=True)]
+    fig = Figure(figsize=(max(8.0, 2.0 + 1.4 * g), 4.0), dpi=DPI)
+    ax_err, ax_rec = fig.subplots(1, 2)
+    for i in range(g):
+        ax_err.bar(
+            x[i],
+            error_rate[i],
+            color="tab:red",
+            alpha=0.35 if few[i] else 0.8,
+            hatch="//" if few[i] else None,
+            edgecolor="tab:red",
+        )
+        ci = error_ci[i]
+        if ci is not None:
+            ax_err.errorbar(
+                x[i],
+                error_rate[i],
+                yerr=[[error_rate[i] - ci[0]], [ci[1] - error_rate[i]]],
+                color="black",
+                capsize=4,
+                linewidth=1,
+            )
+    ax_err.set_xticks(x, labels=ticks, fontsize="small")
+    ax_err.set_ylim(0, 1.02)
+    ax_err.set_ylabel("error rate")
+    ax_err.set_title("error rate (95 % CI)" + ("; hatched: too few" if any(few) else ""), fontsize="medium")
+    ax_err.grid(axis="y", alpha=0.3)
+
+    width = 0.8 / max(len(recall), 1)
+    for j, (cls, vals) in enumerate(recall.items()):
+        pos = x - 0.4 + width * (j + 0.5)
+        ax_rec.bar(pos, [np.nan if v is None else v for v in vals], width, label=cls)
+        for xi, v in zip(pos, vals, strict=True):
+            if v is None:  # class absent from the group, told apart from a recall of 0
+                ax_rec.text(xi, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.4")
+    ax_rec.set_xticks(x, labels=ticks, fontsize="small")
+    ax_rec.set_ylim(0, 1.02)
+    ax_rec.set_ylabel("recall")
+    ax_rec.set_title("recall per class", fontsize="medium")
+    ax_rec.grid(axis="y", alpha=0.3)
+    ax_rec.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(title)
+    return _save_atomic(fig, path)
+
+
+_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
+
+
+def plot_embedding(
+    xy: ArrayLike,
+    labels: Sequence[str],
+    title: str,
+    path: str | Path,
+    *,
+    markers: Sequence[str] | None = None,
+) -> Path:
+    """Scatter of a 2-D embedding (e.g. t-SNE), one colour per label with a legend; labels in order of first
+    appearance. ``markers``, when given, is a second label per point drawn as the marker shape (e.g. colour by
+    source dataset, shape by class)."""
+    pts = np.asarray(xy, dtype=float)
+    labs = [str(v) for v in labels]
+    if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] == 0:
+        raise ValueError(f"xy must have shape (n, 2) with n > 0, got {pts.shape}")
+    if len(labs) != pts.shape[0]:
+        raise ValueError(f"labels has {len(labs)} entries for {pts.shape[0]} points")
+    shapes = [str(v) for v in markers] if markers is not None else [""] * len(labs)
+    if len(shapes) != len(labs):
+        raise ValueError(f"markers has {len(shapes)} entries for {len(labs)} points")
+    colour_keys = list(dict.fromkeys(labs))
+    shape_keys = list(dict.fromkeys(shapes))
+    palette = matplotlib.colormaps["tab10" if len(colour_keys) <= 10 else "tab20"]
+    colour_of = {k: palette(i % palette.N) for i, k in enumerate(colour_keys)}
+    marker_of = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(shape_keys)}
+    lab_arr, shape_arr = np.asarray(labs, dtype=object), np.asarray(shapes, dtype=object)
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
+    size = 22 if pts.shape[0] <= 500 else 8
+    for c in colour_keys:
+        for s in shape_keys:
+            sel = (lab_arr == c) & (shape_arr == s)
+            if sel.any():
+                ax.scatter(pts[sel, 0], pts[sel, 1], s=size, color=colour_of[c], marker=marker_of[s], alpha=0.8)
+    handles = [Line2D([], [], linestyle="none", marker="o", color=colour_of[c], label=c) for c in colour_keys]
+    if markers is not None:
+        handles += [Line2D([], [], linestyle="none", marker=marker_of[s], color="0.3", label=s) for s in shape_keys]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return _save_atomic(fig, path)
