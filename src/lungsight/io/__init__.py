@@ -15,13 +15,13 @@ from pathlib import Path
 
 from lungsight.errors import InputContractError, InputError
 from lungsight.io.archive import extracted_zip
-from lungsight.io.contract import check_ct_contract
+from lungsight.io.contract import check_ct_contract, check_xr_contract
 from lungsight.io.dicom import list_dicom_series, read_dicom
 from lungsight.io.images import IMAGE_SUFFIXES, read_images
 from lungsight.io.nifti import read_nifti
 from lungsight.study import SeriesInfo, Study
 
-__all__ = ["check_ct_contract", "list_series", "load_study"]
+__all__ = ["check_ct_contract", "check_xr_contract", "list_series", "load_study"]
 
 logger = logging.getLogger("lungsight.io")
 

@@ -1,19 +1,28 @@
-"""The input contract of the CT model: are these pixels what it expects?
+"""The input contracts of the CT and X-ray models: are these pixels what they expect?
 
 :func:`check_ct_contract` raises :class:`~lungsight.errors.InputContractError` when the model cannot read the
 study at all and appends a warning to ``study.warnings`` when it can but the result deserves doubt. It is
 called by :func:`lungsight.io.load_study` for every CT study and again by the CT prediction path, so it
 never adds the same warning twice.
+
+:func:`check_xr_contract` admits frontal chest X-rays only (paper 004): the view comes from the DICOM
+ViewPosition when the header states it, otherwise from the bundled view classifier, which also recognises a CT
+slice given as an X-ray.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lungsight.errors import InputContractError
 from lungsight.study import Study
+
+if TYPE_CHECKING:
+    from lungsight.inference.view import ViewResult
 
 #: Plausible Hounsfield range; values outside it are reported (scanner padding is often -2048 or -3024).
 HU_RANGE = (-2000.0, 5000.0)
@@ -76,3 +85,74 @@ def check_ct_contract(study: Study, source: str) -> None:
             "raw 16-bit values are scaled by their own minimum and maximum; contrast may differ from "
             "the 8-bit images the model was trained on",
         )
+
+
+#: DICOM ViewPosition values (upper case) of a lateral chest X-ray.
+LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "L"})
+#: ... of an oblique one (also refused: neither frontal nor what the model was trained on).
+OBLIQUE_VIEW_POSITIONS = frozenset({"LLO", "RLO", "OBLIQUE"})
+_FRONTAL_VIEW_POSITION = re.compile(r"^(PA|AP)\b")
+#: The view classifier's probability of "CT slice" from which an image given as an X-ray is refused.
+CT_REFUSE_P = 0.9
+_ONLY_FRONTAL = "only frontal (PA/AP) views can be classified"
+
+
+def check_xr_contract(study: Study, source: str) -> ViewResult:
+    """Check that ``study`` is one frontal chest X-ray; return how its view was known.
+
+    Refused with :class:`~lungsight.errors.InputContractError` (``source`` names the input): a study that is
+    not an X-ray or holds more than one image; a nearly constant image; a lateral or oblique view, from the DICOM
+    ViewPosition (LL, RL, ... -> lateral, without running the classifier) or, when the header does not state it,
+    from the view classifier; an image the classifier takes for a CT slice with p >= :data:`CT_REFUSE_P`. A
+    less confident "CT slice" is read as an X-ray with a warning. PA/AP in the header admit the image without
+    the classifier.
+    """
+    if study.modality != "XR":
+        raise InputContractError(f"{source}: this is a CT (Modality {study.modality}), the X-ray model cannot read it")
+    if study.n_slices != 1:
+        raise InputContractError(
+            f"{source}: an X-ray study is one image, this one has {study.n_slices}; pass one radiograph at a time"
+        )
+    from lungsight.preprocess.window import to_unit
+
+    image01 = to_unit(study.pixels[0], study.intensity)
+    std = 255.0 * float(image01.std())
+    if std < MIN_GREY8_STD:
+        raise InputContractError(
+            f"{source}: the image is nearly constant (standard deviation {std:.2f} grey levels); "
+            "it holds no readable anatomy"
+        )
+    from lungsight.inference.view import ViewResult, classify_view
+
+    position = " ".join(str(study.metadata.get("ViewPosition") or "").upper().split())[:16]
+    if position in LATERAL_VIEW_POSITIONS:
+        raise InputContractError(
+            f"{source}: this is a lateral chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
+        )
+    if position in OBLIQUE_VIEW_POSITIONS:
+        raise InputContractError(
+            f"{source}: this is an oblique chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
+        )
+    if _FRONTAL_VIEW_POSITION.match(position):
+        return ViewResult("frontal", {}, "metadata", f"ViewPosition {position} in the DICOM header")
+
+    view = classify_view(image01)
+    p = view.probabilities
+    if p["ct"] >= CT_REFUSE_P:
+        raise InputContractError(
+            f"{source}: this does not look like a chest X-ray but like a CT slice (view classifier, "
+            f"p={p['ct']:.2f}); pass it as a CT (modality CT) or check the file"
+        )
+    if p["lateral"] > p["frontal"]:
+        raise InputContractError(
+            f"{source}: this is a lateral chest X-ray (lateral by the view classifier, p={p['lateral']:.2f}); "
+            f"{_ONLY_FRONTAL}"
+        )
+    if view.kind == "ct":
+        _warn(
+            study,
+            f"the view classifier is unsure that this is a chest X-ray (p={p['ct']:.2f} that it is a CT slice); "
+            "read as a frontal X-ray",
+        )
+        return ViewResult("frontal", p, "classifier", f"frontal by the view classifier, p={p['frontal']:.2f}")
+    return view
