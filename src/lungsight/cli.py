@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from lungsight.about import DISCLAIMER, __version__
-from lungsight.errors import LungsightError
+from lungsight.errors import InputError, LungsightError
 
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify one study and explain the decision")
     _add_input_options(p)
     p.add_argument("--out", type=Path, required=True, help="folder for result.json, report.html, overlays/")
-    p.add_argument("--model", default="ct-default", help="model name or .safetensors file (default ct-default)")
+    p.add_argument(
+        "--model",
+        help="model name or .safetensors file (default: ct-default for CT studies, cxr-default for X-rays)",
+    )
+    p.add_argument(
+        "--modality",
+        choices=["CT", "XR"],
+        help="what plain images (PNG/JPEG/TIFF) are; DICOM says so itself (default: guessed for a single image)",
+    )
     p.add_argument(
         "--rule",
         choices=["threshold-0", "threshold-10", "consecutive", "mean"],
@@ -47,8 +55,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
 
     p = sub.add_parser("train", help="patient-grouped cross-validation, or a final fit with --folds 0")
-    p.add_argument("--data", type=Path, required=True, help="folder with labels.csv (file,label,patient_id)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        action="append",
+        help="CT: folder with labels.csv (file,label,patient_id); X-ray: a folder with metadata.csv or labels.csv, "
+        "repeat --data for further sources",
+    )
     p.add_argument("--model", required=True, help="registered architecture (see 'lungsight models list')")
+    p.add_argument("--task", choices=["ct", "cxr"], default="ct", help="CT slices (default) or chest X-rays")
+    p.add_argument(
+        "--scheme",
+        choices=["raw", "cropped", "segmented"],
+        default="segmented",
+        help="X-ray preprocessing after paper 004 (task cxr; default segmented)",
+    )
+    p.add_argument("--segmenter", help="X-ray lung segmenter: a trained U-Net file (default: the classical one)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="folder of prepared X-rays, shareable between runs (default: cache/ in the run folder)",
+    )
+    p.add_argument("--scheduler", choices=["cosine", "plateau"], help="learning-rate schedule (default: the model's)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--folds", type=int, default=5, help="k of patient-grouped k-fold CV; 0 = fit on all data")
     p.add_argument("--epochs", type=int)
@@ -56,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["adamw", "adam", "nadam", "sgd"])
     p.add_argument("--input-size", type=int)
-    p.add_argument("--augment", choices=["paper002", "paper002+intensity", "light", "none"])
+    p.add_argument("--augment", choices=["paper002", "paper002+intensity", "paper004", "light", "none"])
     p.add_argument(
         "--pretrained",
         choices=["none", "imagenet"],
@@ -74,12 +103,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-epochs", type=int, help="epochs before a model may be selected (default: a third)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: all cores; on a machine shared with other jobs 1 is often much faster)",
+    )
     p.add_argument("--max-patients", type=int, help="train on a random subset of patients (quick checks)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
-    p = sub.add_parser("evaluate", help="evaluate a model on a folder with labels.csv")
-    p.add_argument("--data", type=Path, required=True)
+    p = sub.add_parser("train-view", help="train the frontal/lateral/CT view classifier (xr-view), with CV")
+    p.add_argument("--cohen", type=Path, required=True, help="Cohen X-ray folder (metadata.csv with a view column)")
+    p.add_argument("--ct", type=Path, required=True, help="CT slice folder with labels.csv (the 'ct' class)")
+    p.add_argument("--out", type=Path, required=True, help="new run folder")
+    p.add_argument("--folds", type=int, help="patient-grouped CV folds before the final fit (default 5); 0: fit only")
+    p.add_argument("--epochs", type=int, help="default 30")
+    p.add_argument("--batch-size", type=int, help="default 32")
+    p.add_argument("--lr", type=float, help="default 2e-3")
+    p.add_argument("--input-size", type=int, help="default 128")
+    p.add_argument("--augment", choices=["light", "none"], help="default light")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--threads", type=int, help="torch threads (default 1: the model is small)")
+
+    p = sub.add_parser("evaluate", help="evaluate a model on labelled data (CT labels.csv, X-ray metadata)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        action="append",
+        help="CT: folder with labels.csv; X-ray: folder with metadata.csv or labels.csv (repeat for more sources)",
+    )
     p.add_argument("--model", default="ct-default")
+    p.add_argument(
+        "--by",
+        default="sex,view,source",
+        help="X-ray models: attributes to split errors and metrics by (sex, view, source, sensor)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rule", choices=["threshold-0", "threshold-10", "consecutive", "mean"])
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
@@ -101,6 +159,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=100, help="series length to time (resampled from the input)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+    p = sub.add_parser("segment", help="X-ray lung fields: train a lung U-Net, or segment one X-ray")
+    ssub = p.add_subparsers(dest="segment_command", required=True)
+    st = ssub.add_parser("train", help="train a lung U-Net on an image+mask folder (see docs/lung-fields.md)")
+    st.add_argument("--data", type=Path, required=True, help="folder of X-rays with lung masks")
+    st.add_argument("--layout", choices=["auto", "montgomery", "shenzhen", "jsrt", "pairs"], default="auto")
+    st.add_argument("--out", type=Path, required=True, help="run folder (model.safetensors is written there)")
+    st.add_argument("--epochs", type=int, default=50)
+    st.add_argument("--batch-size", type=int, default=8)
+    st.add_argument("--lr", type=float, default=1e-4)
+    st.add_argument("--input-size", type=int, default=256)
+    st.add_argument("--no-augment", action="store_true", help="train without the light augmentation")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--max-images", type=int, help="use only the first N pairs (quick checks)")
+    st.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    sa = ssub.add_parser("apply", help="segment the lungs of one frontal X-ray: mask PNG, overlay PNG, JSON")
+    sa.add_argument("input", type=Path, help="X-ray image or DICOM file")
+    sa.add_argument("--out", type=Path, required=True, help="folder for lung_mask.png, lung_overlay.png, .json")
+    sa.add_argument("--model", default="classical", help="'classical' (default) or a lung U-Net .safetensors file")
+
+    p = sub.add_parser("serve", help="web page and JSON API (see docs/service.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, help="results and in-flight uploads (default $LUNGSIGHT_HOME/serve)")
+    p.add_argument("--keep-minutes", type=float, default=60.0, help="results are deleted after this (default 60)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on the API (default $LUNGSIGHT_API_TOKEN)")
+    p.add_argument("--ct-model", default="ct-default")
+    p.add_argument("--xr-model", default="cxr-default")
+    p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload (default 1024)")
+    p.add_argument("--max-files", type=int, default=2000, help="most files in one upload")
+    p.add_argument("--max-zip-members", type=int, default=10_000)
+    p.add_argument("--max-unpacked-mb", type=float, default=4096.0, help="largest unpacked size of a zip")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="largest image or slice, in pixels")
+    p.add_argument("--workers", type=int, default=1, help="inference threads (default 1)")
+    p.add_argument("--queue", type=int, default=64, help="most studies waiting for inference (default 64)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores but one, at least 1)")
     return ap
 
 
@@ -112,11 +206,18 @@ def _load(args: argparse.Namespace):
 
 def _predict(args: argparse.Namespace) -> int:
     from lungsight.inference.detector import Detector
+    from lungsight.inference.route import load_for_prediction
 
     t0 = time.perf_counter()
-    study = _load(args)
+    study, model = load_for_prediction(
+        args.input,
+        modality=args.modality,
+        model=args.model,
+        series_uid=args.series,
+        tiff_intercept=args.tiff_intercept,
+    )
     t_read = time.perf_counter() - t0
-    det = Detector.from_pretrained(args.model)
+    det = Detector.from_pretrained(model)
     try:
         pred = det.predict(study, rule=args.rule, top_k=args.top_k, select=not args.no_select)
     except LungsightError as exc:
@@ -137,8 +238,17 @@ def _train(args: argparse.Namespace) -> int:
     from lungsight.train import TrainConfig, train
 
     pretrained = str(args.weights) if args.weights else (None if args.pretrained == "none" else "imagenet")
+    if args.task == "ct" and len(args.data) > 1:
+        raise InputError("--data is given once for CT training (one folder with labels.csv)")
     cfg = TrainConfig(
-        data=str(args.data),
+        data=str(args.data[0]),
+        extra_data=[str(d) for d in args.data[1:]],
+        task=args.task,
+        scheme=args.scheme,
+        segmenter=args.segmenter,
+        scheduler=args.scheduler,
+        threads=args.threads,
+        cache=str(args.cache) if args.cache else None,
         model=args.model,
         out=str(args.out),
         folds=args.folds,
@@ -160,10 +270,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_view(args: argparse.Namespace) -> int:
+    from lungsight.train.view import ViewTrainConfig, train_view
+
+    options = ("folds", "epochs", "batch_size", "lr", "input_size", "augment", "seed", "threads")
+    given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    train_view(ViewTrainConfig(cohen=str(args.cohen), ct=str(args.ct), out=str(args.out), **given))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from lungsight.evaluate.runner import evaluate_folder
+    from lungsight.inference.route import model_modality
 
-    m = evaluate_folder(args.data, args.model, args.out, rule=args.rule, n_boot=args.bootstrap)
+    if model_modality(args.model) == "XR":
+        from lungsight.evaluate.xray import evaluate_xray
+
+        by = [k.strip() for k in args.by.split(",") if k.strip()]
+        m = evaluate_xray(args.data, args.model, args.out, by=by, n_boot=args.bootstrap)
+        print(
+            f"{m['n']} X-rays: accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}, "
+            f"macro AUC {m['macro_auc'] if m['macro_auc'] is None else round(m['macro_auc'], 3)}; "
+            f"evidence in lungs {m['evidence_in_lung']['mean']}"
+        )
+        print(f"written to {args.out}")
+        return 0
+    if len(args.data) > 1:
+        raise InputError("--data is given once for a CT model (one folder with labels.csv)")
+    m = evaluate_folder(args.data[0], args.model, args.out, rule=args.rule, n_boot=args.bootstrap)
     for level in ("slice", "patient"):
         shown = ", ".join(
             f"{k} {v:.3f}"
@@ -206,13 +340,74 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    if args.segment_command == "train":
+        from lungsight.train.segmentation import SegTrainConfig, train_segmentation
+
+        cfg = SegTrainConfig(
+            data=str(args.data),
+            out=str(args.out),
+            layout=args.layout,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            input_size=args.input_size,
+            augment=not args.no_augment,
+            seed=args.seed,
+            max_images=args.max_images,
+        )
+        train_segmentation(cfg, resume=args.resume)
+        return 0
+    from lungsight.preprocess.lung_fields import load_segmenter, segment_file
+
+    detail = segment_file(args.input, load_segmenter(args.model), args.out)
+    print(
+        f"{args.input.name}: lungs by {detail.method}, {detail.mask.mean():.0%} of the image"
+        + (f"; {detail.note}" if detail.note else "")
+    )
+    print(f"written to {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from lungsight.serve import Settings, run
+    from lungsight.serve.settings import MIB, TOKEN_ENV, default_data_dir
+
+    try:
+        settings = Settings(
+            data_dir=args.data_dir or default_data_dir(),
+            keep_minutes=args.keep_minutes,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            ct_model=args.ct_model,
+            xr_model=args.xr_model,
+            max_upload_bytes=int(args.max_upload_mb * MIB),
+            max_files=args.max_files,
+            max_zip_members=args.max_zip_members,
+            max_unpacked_bytes=int(args.max_unpacked_mb * MIB),
+            max_pixels=args.max_pixels,
+            workers=args.workers,
+            queue_limit=args.queue,
+            torch_threads=args.threads,
+        )
+    except ValueError as exc:
+        raise LungsightError(f"serve: {exc}") from None
+    print(f"lungsight {__version__}: http://{args.host}:{args.port} (results in {settings.data_dir}). {DISCLAIMER}")
+    run(settings, host=args.host, port=args.port)
+    return 0
+
+
 COMMANDS = {
     "predict": _predict,
     "train": _train,
+    "train-view": _train_view,
     "evaluate": _evaluate,
     "inspect": _inspect,
     "models": _models,
     "bench": _bench,
+    "segment": _segment,
+    "serve": _serve,
 }
 
 

@@ -29,13 +29,16 @@ from lungsight.study import Study
 
 @dataclass
 class Evidence:
-    """One explained slice: the windowed slice, its Grad-CAM map (both at the slice's resolution)."""
+    """One explained slice or X-ray: the grey image, its Grad-CAM map (same resolution), and for X-rays the lung
+    mask drawn as an outline and facts such as the share of the map inside it (``extra``)."""
 
     index: int
     label: str
     p: float
     slice01: np.ndarray
     cam: np.ndarray
+    mask: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,12 +63,15 @@ class Prediction:
         return write_outputs(self, Path(out_dir))
 
     def __repr__(self) -> str:
-        d, s = self.result["decision"], self.result["slices"]
+        d = self.result["decision"]
         probs = ", ".join(f"{k}={v:.3f}" for k, v in self.probabilities.items())
-        return (
-            f"Prediction(label={self.label!r}, rule={d['rule']!r}, score={d['score']:.3f}, {probs}, "
-            f"slices kept {len(s['selected'])}/{s['n_total']})"
-        )
+        if "slices" in self.result:
+            s = self.result["slices"]
+            tail = f"slices kept {len(s['selected'])}/{s['n_total']}"
+        else:
+            share = self.result.get("evidence", {}).get("lung_share")
+            tail = f"evidence in lungs {'n/a' if share is None else f'{share:.2f}'}"
+        return f"Prediction(label={self.label!r}, rule={d['rule']!r}, score={d['score']:.3f}, {probs}, {tail})"
 
 
 class Detector:
@@ -132,14 +138,23 @@ class Detector:
         select: bool = True,
         batch_size: int = 16,
     ) -> Prediction:
-        """Classify every slice, decide for the patient by ``rule`` (all rules are reported), explain the top-k."""
+        """Classify every slice, decide for the patient by ``rule`` (all rules are reported), explain the top-k.
+
+        An X-ray model (``config["task"] == "cxr"``) classifies the one X-ray instead and measures how much of its
+        evidence lies inside the lungs (:func:`lungsight.inference.xray.predict_xray`); ``rule``, ``top_k`` and
+        ``select`` do not apply to it.
+        """
+        if self.config.get("task") == "cxr":
+            from lungsight.inference.xray import predict_xray
+
+            return predict_xray(self, study, explain=explain)
         if study.modality != "CT":
             view = str(study.metadata.get("ViewPosition", "")).upper()
             kind = "a lateral X-ray" if view in ("LL", "RL", "LAT", "LATERAL") else "an X-ray"
             raise InputContractError(
                 f"this study is {kind} (modality {study.modality}"
                 f"{', view ' + view if view else ''}); the CT model "
-                f"{self.config['arch']!r} only reads CT slices"
+                f"{self.config['arch']!r} only reads CT slices (use an X-ray model such as cxr-default)"
             )
         rule = rule or self.config.get("default_rule", "threshold-10")
         if rule not in RULES:

@@ -35,17 +35,34 @@ def _display_size(slice01: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np.
     return big[0], big[1]
 
 
+def _display_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized (nearest) to the displayed image's shape."""
+    if mask.shape == shape:
+        return mask
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(m, size=shape, mode="nearest")[0, 0].numpy() > 0.5
+
+
 def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     """Write every output of ``pred`` into ``out_dir``; returns the path of report.html."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result = pred.result
     overlays = []
+    xray = "slice_probabilities" not in result
     for ev in pred.evidence:
-        rel = f"overlays/slice_{ev.index:04d}.png"
+        rel = f"overlays/{'xray' if xray else 'slice'}_{ev.index:04d}.png"
         slice01, cam = _display_size(ev.slice01, ev.cam)
-        save_overlay(slice01, cam, out_dir / rel, caption=f"{ev.label}  p(covid)={ev.p:.3f}")
-        overlays.append({"index": ev.index, "label": ev.label, "p": ev.p, "file": rel})
+        mask = None if ev.mask is None else _display_mask(ev.mask, slice01.shape)
+        caption = f"{ev.label}  p({ev.label if xray else 'covid'})={ev.p:.3f}"
+        share = ev.extra.get("lung_share")
+        if share is not None:
+            caption += f"  evidence in lungs {100 * share:.0f}%"
+        save_overlay(slice01, cam, out_dir / rel, caption=caption, mask_outline=mask)
+        overlays.append({"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra})
     result["overlays"] = overlays
+    if xray:
+        atomic_write_json(out_dir / "result.json", result)
+        return write_report(result, out_dir)
     sp = result["slice_probabilities"]
     probs = np.array([np.nan if s["p"] is None else s["p"] for s in sp], dtype=float)
     selected = np.array([s["selected"] for s in sp], dtype=bool)

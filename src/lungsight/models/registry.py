@@ -16,6 +16,7 @@ from torch import nn
 
 from lungsight.errors import ModelError, WeightsUnavailableError
 from lungsight.models.architectures import FPNClassifier, TimmClassifier, VGG16Head
+from lungsight.models.covidnet import CovidNet
 from lungsight.models.weights import load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,6 +134,27 @@ def _fpn(num_classes: int, input_size: int, in_chans: int, imagenet: bool, weigh
     )
 
 
+def _covidnet(num_classes: int, input_size: int, in_chans: int, imagenet: bool, weights_file: Path | None):
+    if imagenet:
+        raise ModelError(
+            "covidnet has no ImageNet weights (paper 004 trained it on X-rays); train from scratch with "
+            "--pretrained none or pass a trained covidnet file with --weights FILE"
+        )
+    model = CovidNet(num_classes, in_chans)
+    if weights_file is not None:
+        model.load_state_dict(load_state_dict(weights_file))
+    return model
+
+
+_PAPER_004 = {
+    "optimizer": "adam",
+    "lr": 2e-5,
+    "batch_size": 32,
+    "epochs": 24,
+    "augment": "paper004",
+    "scheduler": "plateau",
+    "pretrained": None,
+}
 _PAPER_002 = {"optimizer": "nadam", "lr": 1e-4, "batch_size": 14, "epochs": 50, "augment": "paper002"}
 _PAPER_001 = {"optimizer": "sgd", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
 _PAPER_000 = {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
@@ -191,6 +213,19 @@ register(
         defaults=_CPU,
     ),
     _timm("resnet18", "layer4", drop_rate=0.2),
+)
+register(
+    ModelSpec(
+        "covidnet",
+        "COVID-Net-style PEPX network after paper 004, narrowed for CPU (models/covidnet.py says how)",
+        "004",
+        224,
+        in_chans=1,
+        mean=GREY_MEAN,
+        std=GREY_STD,
+        defaults=_PAPER_004,
+    ),
+    _covidnet,
 )
 register(
     ModelSpec(

@@ -53,13 +53,12 @@ def save_checkpoint(model: torch.nn.Module, config: dict[str, Any], path: Path) 
     return atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=meta))
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, config) of a file written by :func:`save_checkpoint`."""
+def read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """The lungsight config in the header of a file written by :func:`save_checkpoint` (weights are not read)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: not a readable lungsight model file ({exc})") from exc
     if CONFIG_KEY not in meta:
@@ -67,4 +66,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"{path}: safetensors file has no lungsight config; import it with "
             "'lungsight models import NAME FILE --arch ARCH'"
         )
-    return state, json.loads(meta[CONFIG_KEY])
+    return json.loads(meta[CONFIG_KEY])
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config) of a file written by :func:`save_checkpoint`."""
+    config = read_checkpoint_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable lungsight model file ({exc})") from exc
+    return state, config

@@ -48,6 +48,8 @@ def augmentation(name: str) -> v2.Transform | None:
     * ``paper002+intensity`` - the same plus +/-10 % brightness and contrast jitter.
     * ``light`` - horizontal flip, rotation +/-15 degrees, zoom and shift 10 %, +/-20 % brightness and contrast:
       for tight 8-bit crops (covid-ct), where full rotations add black corners that are not anatomy.
+    * ``paper004`` - paper 004's X-ray setting: horizontal flip, Gaussian noise (variance 0.015), rotation
+      (+/-10 degrees), elastic deformation and scaling (+/-10 %).
     * ``none``.
     """
     if name == "none":
@@ -69,10 +71,19 @@ def augmentation(name: str) -> v2.Transform | None:
         )
     if name == "paper002+intensity":
         return v2.Compose([*geometric, v2.ColorJitter(brightness=0.1, contrast=0.1)])
+    if name == "paper004":
+        return v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.RandomAffine(degrees=10.0, scale=(0.9, 1.1)),
+                v2.RandomApply([v2.ElasticTransform(alpha=20.0, sigma=5.0)], p=0.3),
+                v2.GaussianNoise(mean=0.0, sigma=0.015**0.5, clip=True),
+            ]
+        )
     raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
-AUGMENTATIONS = ("paper002", "paper002+intensity", "light", "none")
+AUGMENTATIONS = ("paper002", "paper002+intensity", "paper004", "light", "none")
 
 
 def unfit_square(maps: np.ndarray, height: int, width: int) -> np.ndarray:

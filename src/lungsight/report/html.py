@@ -262,6 +262,36 @@ def _slices(result: dict) -> str:
     return "".join(out)
 
 
+def _evidence(result: dict) -> str:
+    """X-ray results: how much of the Grad-CAM evidence lies inside the lungs, and how the view was known."""
+    ev = _d(result.get("evidence"))
+    if not ev:
+        return ""
+    share = _num(ev.get("lung_share"))
+    flagged = ev.get("flagged") is True
+    verdict = (
+        "flagged: most of the evidence lies outside the lungs" if flagged else "most of the evidence lies in the lungs"
+    )
+    items = [
+        ("Evidence inside the lungs", f"{100 * share:.0f} %" if share is not None else "not measured"),
+        ("Assessment", verdict if ev.get("flagged") is not None else "not explained"),
+        ("Flag below", f"{100 * (_num(ev.get('flag_below')) or 0):.0f} %"),
+        ("Class explained", ev.get("explained_class")),
+        ("Preprocessing scheme", ev.get("scheme")),
+        ("Lung segmenter", ev.get("segmenter")),
+        ("Lung mask plausible", ev.get("mask_plausible")),
+    ]
+    view = _d(result.get("view"))
+    if view:
+        items.append(("View", f"{_fmt(view.get('kind'))} (from the {_fmt(view.get('source'))})"))
+    return (
+        f'<h2>Evidence in the lungs</h2><section class="{"warnings" if flagged else ""}">{_kv(items)}'
+        '<p class="legend">Share of the Grad-CAM energy of the predicted class that falls inside the lung mask '
+        "(magenta outline in the overlay). Paper 004 found networks scoring well on X-rays by reading text stamps "
+        "and the sternum; a low share is that warning, measured on this image.</p></section>"
+    )
+
+
 def _figures(figures: Mapping[str, Path] | None) -> str:
     if not figures:
         return ""
@@ -365,6 +395,7 @@ def render_report(result: dict, out_dir: Path, *, figures: Mapping[str, Path] | 
     body += [
         _rules(result),
         _probabilities(result),
+        _evidence(result),
         _slices(result),
         _figures(figures),
         _overlays(result, out_dir),

@@ -30,9 +30,14 @@ def patient_folds(items: list[Item], k: int, seed: int = 0) -> list[tuple[np.nda
 def validation_split(
     items: list[Item], idx: np.ndarray, fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (train, validation) by patient, the validation part holding about ``fraction``."""
+    """Split ``idx`` into (train, validation) by patient, the validation part holding about ``fraction``.
+
+    When the rarest class has fewer images than ``1 / fraction`` the validation part grows (down to one half), so
+    that every class can still be represented in it.
+    """
     labels, groups = _groups(items)
-    n_splits = max(2, round(1 / fraction))
+    rarest = min(Counter(labels[idx].tolist()).values())
+    n_splits = max(2, min(round(1 / fraction), rarest))
     if len(set(groups[idx])) < n_splits:
         raise InputError(f"too few patients ({len(set(groups[idx]))}) for a {fraction:.0%} validation split")
     skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 1)

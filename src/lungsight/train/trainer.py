@@ -63,6 +63,13 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     max_patients: int | None = None
+    scheduler: str | None = None  # "cosine" or "plateau" (halve the rate after 3 epochs without progress)
+    task: str = "ct"  # "ct": labels.csv of CT slices; "cxr": X-ray metadata folders (train/cxr.py)
+    extra_data: list[str] = field(default_factory=list)  # further X-ray sources (task "cxr")
+    scheme: str = "segmented"  # paper 004's X-ray preprocessing (task "cxr")
+    segmenter: str | None = None  # X-ray lung segmenter: None = the classical default, or a U-Net file
+    cache: str | None = None  # prepared X-rays (task "cxr"; default <out>/cache; safe to share between runs)
+    threads: int | None = None  # torch threads (default: every core; 1 is far faster on a machine others share)
     command: str = field(default_factory=lambda: " ".join(["lungsight", *sys.argv[1:]]))
 
     def resolved(self) -> TrainConfig:
@@ -73,6 +80,7 @@ class TrainConfig:
         c.batch_size = c.batch_size or d.get("batch_size", 16)
         c.lr = c.lr or d.get("lr", 1e-3)
         c.optimizer = c.optimizer or d.get("optimizer", "adamw")
+        c.scheduler = c.scheduler or d.get("scheduler", "cosine")
         c.augment = c.augment or d.get("augment", "paper002")
         c.input_size = c.input_size or get_spec(self.model).input_size
         c.min_epochs = max(1, c.epochs // 3) if c.min_epochs is None else max(1, c.min_epochs)
@@ -94,20 +102,34 @@ def _optimizer(name: str, params: Any, lr: float, wd: float) -> torch.optim.Opti
 def model_config(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
     """What a saved model needs to be served on exactly the inputs it was trained on."""
     spec = get_spec(cfg.model)
-    return {
+    common = {
         "arch": cfg.model,
+        "task": cfg.task,
         "classes": classes,
         "positive_class": POSITIVE if POSITIVE in classes else classes[-1],
         "input_size": cfg.input_size,
         "in_chans": spec.in_chans,
         "mean": list(spec.mean),
         "std": list(spec.std),
+        "lungsight_version": __version__,
+        "training": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
+    }
+    if cfg.task == "cxr":
+        from lungsight.train.cxr import PREP_SIZE, XR_LUNG_SHARE_FLAG
+
+        return common | {
+            "modality": "XR",
+            "scheme": cfg.scheme,
+            "segmenter": cfg.segmenter,
+            "prep_size": PREP_SIZE,
+            "lung_share_flag": XR_LUNG_SHARE_FLAG,
+        }
+    return common | {
+        "modality": "CT",
         "window": list(LUNG_WINDOW),
         "slice_threshold": cfg.slice_threshold,
         "default_rule": "threshold-10",
         "consecutive_n": 15,
-        "lungsight_version": __version__,
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
     }
 
 
@@ -133,9 +155,15 @@ def predict_items(model: nn.Module, ds: SliceDataset, batch: int, workers: int) 
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUC of the last (positive) class for two classes; macro one-vs-rest AUC over the classes present for more."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
+    present = sorted(set(y.tolist()))
+    if len(present) < 2:
+        return float("nan")
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y == 1, p[:, 1]))
+    return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in present]))
 
 
 class FoldTrainer:
@@ -158,7 +186,12 @@ class FoldTrainer:
         model = build_model(cfg.model, len(self.classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        plateau = cfg.scheduler == "plateau"
+        sched: Any = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
+            if plateau
+            else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        )
         weights = torch.tensor(class_weights(self.items, train_idx, self.classes), dtype=torch.float32)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
         state_path, best_path = self.dir / "state.pt", self.dir / "best.safetensors"
@@ -173,7 +206,6 @@ class FoldTrainer:
         train_ds = self.make_ds(train_idx, cfg.augment)
         val_ds = self.make_ds(val_idx, "none") if val_idx is not None and len(val_idx) else None
         y_val = np.array([self.classes.index(self.items[i].label) for i in val_idx]) if val_ds else None
-        pos = len(self.classes) - 1
         for epoch in range(st["epoch"] + 1, cfg.epochs + 1):
             if st["bad_epochs"] >= cfg.patience:
                 break
@@ -190,17 +222,20 @@ class FoldTrainer:
                 total += loss.item() * len(y)
                 n += len(y)
                 bar.set_postfix(loss=f"{total / n:.4f}")
-            sched.step()
+            if not plateau:
+                sched.step()
             row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
             if val_ds is not None:
                 pv = predict_items(model, val_ds, cfg.batch_size, cfg.workers)
                 row["val_loss"] = float(
                     nn.functional.nll_loss(torch.log(torch.tensor(pv) + 1e-8), torch.tensor(y_val), weight=weights)
                 )
-                row["val_auc"] = _auc((y_val == pos).astype(int), pv[:, pos])
+                row["val_auc"] = _auc(y_val, pv)
                 score = row["val_auc"] if not math.isnan(row["val_auc"]) else -row["val_loss"]
             else:
                 score = epoch  # no validation: the last epoch is the model
+            if plateau:
+                sched.step(score if val_ds is not None else -row["train_loss"])
             row["seconds"] = time.perf_counter() - t0
             st["history"].append(row)
             st["epoch"] = epoch
@@ -283,6 +318,11 @@ def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
             "input_size",
             "augment",
             "seed",
+            "scheduler",
+            "task",
+            "extra_data",
+            "scheme",
+            "segmenter",
         )
         changed = [k for k in keys if previous.get(k) != asdict(cfg).get(k)]
         if changed:
@@ -295,8 +335,14 @@ def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run cross-validation (``folds >= 2``) or a final fit on all data (``folds == 0``). Returns the summary."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     cfg = cfg.resolved()
+    if cfg.task == "cxr":
+        from lungsight.train.cxr import train_cxr
+
+        return train_cxr(cfg, resume=resume)
+    if cfg.task != "ct":
+        raise InputError(f"unknown task {cfg.task!r}; choose ct or cxr")
     items = _subset_patients(read_labels(Path(cfg.data)), cfg.max_patients, cfg.seed)
     classes = class_names(items)
     if len(classes) < 2:
