@@ -153,3 +153,9 @@ def test_import_refuses_a_file_that_is_not_a_lungsight_model(tmp_path, monkeypat
 def test_bundled_index_lists_ct_default():
     index = json.loads((pt.BUNDLED / "index.json").read_text())
     assert "ct-default" in index and len(index["ct-default"]["sha256"]) == 64
+
+
+def test_model_files_are_readable_by_others(tmp_path):
+    """safetensors recreates the file it writes: the atomic write sets 0644 after writing, not before."""
+    _, path = write_tiny_model(tmp_path / "m.safetensors")
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -133,3 +133,13 @@ def test_cli_predict_and_evaluate_with_an_xray_model(cxr_model, cxr_subset, tmp_
     with open(tmp_path / "e" / "predictions.csv", newline="") as f:
         shares = [float(r["lung_share"]) for r in csv.DictReader(f) if r["lung_share"]]
     assert shares and np.all((np.array(shares) >= 0) & (np.array(shares) <= 1))
+
+
+def test_plain_xray_image_without_a_model_goes_to_cxr_default(shared_data, tmp_path):
+    """A PNG says nothing about its modality: the view classifier routes it, and the default X-ray model answers."""
+    image = sorted((shared_data / "cxr-actualmed" / "images").iterdir())[0]
+    assert main(["predict", str(image), "--out", str(tmp_path / "p")]) == 0
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert result["input"]["modality"] == "XR" and result["model"]["name"] == "cxr-default"
+    assert set(result["probabilities"]) == {"normal", "other-pneumonia", "covid"}
+    assert result["evidence"]["flagged"] == (result["evidence"]["lung_share"] < 0.5)

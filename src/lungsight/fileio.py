@@ -19,9 +19,9 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to colleagues
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # after writing (a writer may recreate the file): mkstemp's 0600 hides results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ def evaluate_xray(
     from lungsight.evaluate.embedding import penultimate_features
     from lungsight.evaluate.multiclass import write_multiclass_evaluation
     from lungsight.io import load_study
-    from lungsight.train.cxr import XR_LUNG_SHARE_FLAG
+    from lungsight.train.cxr import share_summary
     from lungsight.train.cxr_data import read_cxr_datasets
 
     unknown = [k for k in by if k not in AUDIT_KEYS]
@@ -62,6 +62,7 @@ def evaluate_xray(
         feats.append(penultimate_features(det.model, [det.inputs(ev.slice01[None])])[0])
         probs.append(p)
         share = pred.result["evidence"]["lung_share"]
+        lung_area = pred.result["evidence"]["lung_area"]
         sensor = str(study.metadata.get("Modality", "")) or "unknown"
         rows.append(
             {
@@ -71,6 +72,7 @@ def evaluate_xray(
                 "predicted": pred.label,
                 **{f"p_{c}": float(p[k]) for k, c in enumerate(classes)},
                 "lung_share": "" if share is None else share,
+                "lung_area": lung_area,
                 "flagged": int(bool(pred.result["evidence"]["flagged"])),
                 "sex": r.sex or "unknown",
                 "view": r.view or "unknown",
@@ -82,14 +84,14 @@ def evaluate_xray(
         raise InputError(f"{', '.join(map(str, data))}: no labelled frontal X-ray could be evaluated")
     out = Path(out)
     atomic_write_csv(out / "skipped.csv", skipped)
-    shares = np.array([float(r["lung_share"]) for r in rows if r["lung_share"] != ""])
+    explained = [r for r in rows if r["lung_share"] != ""]
     return write_multiclass_evaluation(
         out,
         [classes.index(r["label"]) for r in rows],
         np.stack(probs),
         classes,
         [r["patient_id"] for r in rows],
-        attributes={k: [r[k] for r in rows] for k in (*AUDIT_KEYS, "lung_share", "flagged")},
+        attributes={k: [r[k] for r in rows] for k in (*AUDIT_KEYS, "lung_share", "lung_area", "flagged")},
         by=tuple(by),
         embeddings=np.stack(feats),
         extra={
@@ -101,13 +103,9 @@ def evaluate_xray(
             "data": [str(d) for d in data],
             "n_images": len(rows),
             "n_skipped": len(skipped),
-            "evidence_in_lung": {
-                "n": len(shares),
-                "mean": float(shares.mean()) if len(shares) else None,
-                "median": float(np.median(shares)) if len(shares) else None,
-                "flagged_fraction": float(np.mean(shares < XR_LUNG_SHARE_FLAG)) if len(shares) else None,
-                "flag_below": XR_LUNG_SHARE_FLAG,
-            },
+            "evidence_in_lung": share_summary(
+                [float(r["lung_share"]) for r in explained], [float(r["lung_area"]) for r in explained]
+            ),
         },
         n_boot=n_boot,
     )

@@ -109,6 +109,7 @@ def predict_xray(det: Detector, study: Study, *, explain: bool = True) -> Predic
         "view": {"kind": view.kind, "source": view.source, "probabilities": view.probabilities},
         "evidence": {
             "lung_share": share,
+            "lung_area": float(prepared.lung_mask.mean()),
             "flagged": bool(flag) if explain else None,
             "flag_below": threshold,
             "explained_class": label if explain else None,

@@ -262,6 +262,11 @@ def _slices(result: dict) -> str:
     return "".join(out)
 
 
+def _pct(value: Any) -> str:
+    v = _num(value)
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
 def _evidence(result: dict) -> str:
     """X-ray results: how much of the Grad-CAM evidence lies inside the lungs, and how the view was known."""
     ev = _d(result.get("evidence"))
@@ -274,6 +279,7 @@ def _evidence(result: dict) -> str:
     )
     items = [
         ("Evidence inside the lungs", f"{100 * share:.0f} %" if share is not None else "not measured"),
+        ("Lungs' share of the image (an even map would score this)", _pct(ev.get("lung_area"))),
         ("Assessment", verdict if ev.get("flagged") is not None else "not explained"),
         ("Flag below", f"{100 * (_num(ev.get('flag_below')) or 0):.0f} %"),
         ("Class explained", ev.get("explained_class")),

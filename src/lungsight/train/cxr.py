@@ -147,9 +147,12 @@ class XrayFoldTrainer(FoldTrainer):
         )
 
 
-def evidence_shares(model: nn.Module, ds: XrayDataset, predicted: np.ndarray, batch: int = 16) -> list[float | None]:
-    """Share of the predicted class's Grad-CAM energy inside the (undilated) lung mask, per image of ``ds``."""
-    shares: list[float | None] = []
+def evidence_shares(
+    model: nn.Module, ds: XrayDataset, predicted: np.ndarray, batch: int = 16
+) -> list[tuple[float | None, float]]:
+    """Per image of ``ds``: the share of the predicted class's Grad-CAM energy inside the (undilated) lung mask,
+    and the share of the frame the mask covers - what a map spread evenly over the image would score."""
+    shares: list[tuple[float | None, float]] = []
     model.eval()
     with GradCAM(model, model.cam_layer) as cam:
         for start in range(0, len(ds), batch):
@@ -159,7 +162,7 @@ def evidence_shares(model: nn.Module, ds: XrayDataset, predicted: np.ndarray, ba
             for k, i in enumerate(idx):
                 _, mask, _ = load_prepared(ds.files[i])
                 full = unfit_square(maps[k : k + 1], *mask.shape)[0]
-                shares.append(cam_energy_inside(full, mask))
+                shares.append((cam_energy_inside(full, mask), float(mask.mean())))
     return shares
 
 
@@ -180,7 +183,7 @@ def _rows(
     records: list[CxrRecord],
     idx: np.ndarray,
     probs: np.ndarray,
-    shares: list[float | None],
+    shares: list[tuple[float | None, float]],
     mask_ok: list[bool],
     fold: int,
     classes: list[str],
@@ -193,7 +196,8 @@ def _rows(
             "fold": fold,
             "predicted": classes[int(np.argmax(probs[j]))],
             **{f"p_{c}": float(probs[j, k]) for k, c in enumerate(classes)},
-            "lung_share": "" if shares[j] is None else float(shares[j]),
+            "lung_share": "" if shares[j][0] is None else float(shares[j][0]),
+            "lung_area": shares[j][1],
             "mask_ok": int(mask_ok[j]),
             **{key: getattr(records[i], key) or "unknown" for key in AUDIT_KEYS},
         }
@@ -272,15 +276,21 @@ def train_cxr(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     return write_cxr_cv_report(out, rows, classes, cfg, np.concatenate(features))
 
 
-def _share_summary(values: list[float]) -> dict[str, Any]:
-    a = np.array(values, dtype=float)
+def share_summary(shares: list[float], areas: list[float]) -> dict[str, Any]:
+    """Evidence-in-lung figures over images: mean/median share, the fraction flagged, and the chance level (the
+    mean share of the frame the lungs cover: a map spread evenly over the image scores that much)."""
+    a, area = np.array(shares, dtype=float), np.array(areas, dtype=float)
     if not len(a):
-        return {"n": 0, "mean": None, "median": None, "flagged_fraction": None}
+        return {"n": 0, "mean": None, "median": None, "flagged_fraction": None, "chance_level": None}
+    if len(area) != len(a):  # a run written before the lung area was recorded
+        area = np.array([])
     return {
         "n": len(a),
         "mean": float(a.mean()),
         "median": float(np.median(a)),
         "flagged_fraction": float(np.mean(a < XR_LUNG_SHARE_FLAG)),
+        "chance_level": float(area.mean()) if len(area) else None,
+        "flag_below": XR_LUNG_SHARE_FLAG,
     }
 
 
@@ -298,15 +308,16 @@ def write_cxr_cv_report(
     atomic_write_csv(out / "cv_predictions.csv", rows)
     y = np.array([classes.index(r["label"]) for r in rows])
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
-    shares = [float(r["lung_share"]) for r in rows if r["lung_share"] not in ("", None)]
+    explained = [r for r in rows if r["lung_share"] not in ("", None)]
+    shares = [float(r["lung_share"]) for r in explained]
+    areas = [float(r["lung_area"]) for r in explained if r.get("lung_area") not in ("", None)]
     per_fold = []
     for k in sorted({int(r["fold"]) for r in rows}):
         sel = [i for i, r in enumerate(rows) if int(r["fold"]) == k]
         m = multiclass_metrics(y[sel], probs[sel], classes)
         fold_shares = [float(rows[i]["lung_share"]) for i in sel if rows[i]["lung_share"] not in ("", None)]
-        flat = {key: v for key, v in m.items() if isinstance(v, (int, float)) and key != "n"}
-        per_fold.append({"fold": k, **flat, "lung_share": float(np.mean(fold_shares)) if fold_shares else None})
-    lung = _share_summary(shares)
+        per_fold.append({"fold": k, **m, "lung_share": float(np.mean(fold_shares)) if fold_shares else None})
+    lung = share_summary(shares, areas)
     result = write_multiclass_evaluation(
         out,
         y,
@@ -319,15 +330,17 @@ def write_cxr_cv_report(
         extra={
             "per_fold": per_fold,
             "mean_sd": summarize_multiclass_folds(per_fold),
-            "evidence_in_lung": lung | {"flag_below": XR_LUNG_SHARE_FLAG},
+            "evidence_in_lung": lung,
             "scheme": cfg.scheme,
             "model": cfg.model,
             "command": cfg.command,
         },
         metrics_name="cv_metrics.json",
     )
+    chance = "" if lung["chance_level"] is None else f" (chance level {lung['chance_level']:.3f}: the lungs' share"
+    chance += "" if lung["chance_level"] is None else " of the frame, what an evenly spread map would score)"
     share_text = (
-        f"mean {lung['mean']:.3f}, median {lung['median']:.3f}, {100 * lung['flagged_fraction']:.1f} % of "
+        f"mean {lung['mean']:.3f}, median {lung['median']:.3f}{chance}; {100 * lung['flagged_fraction']:.1f} % of "
         f"predictions flagged (< {XR_LUNG_SHARE_FLAG})"
         if lung["n"]
         else "not measured"
