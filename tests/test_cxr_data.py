@@ -226,3 +226,12 @@ def test_missing_csv_and_columns(tmp_path: Path) -> None:
     (tmp_path / "metadata.csv").write_text("file,patientid,finding\n", encoding="utf-8")
     with pytest.raises(InputError, match="no rows"):
         read_cxr_folder(tmp_path)
+
+
+def test_sensor_hint_reads_actualmed_names_only():
+    from lungsight.train.cxr_data import sensor_hint
+
+    assert sensor_hint("CR.1.2.840.113564.1722810170.png") == "CR"
+    assert sensor_hint("DX.1.2.3.png") == "DX"
+    assert sensor_hint("auntminnie-a-2020.jpg") == "unknown"
+    assert sensor_hint("CR") == "unknown"

@@ -36,7 +36,7 @@ def evaluate_xray(
     from lungsight.evaluate.multiclass import write_multiclass_evaluation
     from lungsight.io import load_study
     from lungsight.train.cxr import share_summary
-    from lungsight.train.cxr_data import read_cxr_datasets
+    from lungsight.train.cxr_data import read_cxr_datasets, sensor_hint
 
     unknown = [k for k in by if k not in AUDIT_KEYS]
     if unknown:
@@ -63,7 +63,7 @@ def evaluate_xray(
         probs.append(p)
         share = pred.result["evidence"]["lung_share"]
         lung_area = pred.result["evidence"]["lung_area"]
-        sensor = str(study.metadata.get("Modality", "")) or "unknown"
+        sensor = str(study.metadata.get("Modality", "")) or sensor_hint(r.path.name)
         rows.append(
             {
                 "file": r.path.name,

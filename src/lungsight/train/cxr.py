@@ -34,7 +34,7 @@ from lungsight.models.registry import build_model
 from lungsight.models.weights import save_checkpoint
 from lungsight.preprocess.transforms import augmentation, fit_square, normalise, unfit_square
 from lungsight.preprocess.window import to_unit
-from lungsight.train.cxr_data import CXR_CLASSES, CxrRecord, read_cxr_datasets
+from lungsight.train.cxr_data import CXR_CLASSES, CxrRecord, read_cxr_datasets, sensor_hint
 from lungsight.train.splits import patient_folds, validation_split
 from lungsight.train.trainer import FoldTrainer, TrainConfig, _subset_patients, model_config, predict_items, prepare_run
 
@@ -43,7 +43,7 @@ PREP_SIZE = 256
 #: A prediction whose Grad-CAM energy inside the lungs is below this share is flagged (evidence mostly outside).
 XR_LUNG_SHARE_FLAG = 0.5
 #: Attributes of every image that the bias audit splits by.
-AUDIT_KEYS = ("sex", "view", "source")
+AUDIT_KEYS = ("sex", "view", "source", "sensor")
 
 
 def read_xray_unit(path: Path) -> np.ndarray:
@@ -199,7 +199,8 @@ def _rows(
             "lung_share": "" if shares[j][0] is None else float(shares[j][0]),
             "lung_area": shares[j][1],
             "mask_ok": int(mask_ok[j]),
-            **{key: getattr(records[i], key) or "unknown" for key in AUDIT_KEYS},
+            **{key: getattr(records[i], key) or "unknown" for key in ("sex", "view", "source")},
+            "sensor": sensor_hint(records[i].path.name),
         }
         for j, i in enumerate(idx)
     ]
@@ -324,7 +325,7 @@ def write_cxr_cv_report(
         probs,
         classes,
         [r["patient_id"] for r in rows],
-        attributes={key: [r[key] for r in rows] for key in AUDIT_KEYS},
+        attributes={key: [r.get(key, "unknown") for r in rows] for key in AUDIT_KEYS},
         by=AUDIT_KEYS,
         embeddings=features,
         extra={

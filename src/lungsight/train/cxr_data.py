@@ -144,6 +144,13 @@ def view_kind(view: str) -> str | None:
     return "frontal" if _FRONTAL_VIEW.match(text) else None
 
 
+def sensor_hint(file_name: str) -> str:
+    """``"CR"`` or ``"DX"`` where a file name says which detector made it (Actualmed names start ``CR.`` or
+    ``DX.``, from their DICOM Modality), else ``"unknown"``: the sensor split of paper 004's bias audit."""
+    prefix = file_name.split(".", 1)[0].upper()
+    return prefix if prefix in ("CR", "DX") and "." in file_name else "unknown"
+
+
 @dataclass(frozen=True)
 class CxrRecord:
     """One labelled frontal chest X-ray. ``patient_id`` is prefixed with its source (``"cohen:2"``)."""
