@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lungsight.errors import InputError
@@ -32,9 +32,10 @@ from lungsight.explain.gradcam import GradCAM, cam_energy_inside
 from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json, atomic_write_text
 from lungsight.models.registry import build_model
 from lungsight.models.weights import save_checkpoint
-from lungsight.preprocess.transforms import augmentation, fit_square, normalise, unfit_square
+from lungsight.preprocess.transforms import unfit_square
 from lungsight.preprocess.window import to_unit
 from lungsight.train.cxr_data import CXR_CLASSES, CxrRecord, read_cxr_datasets, sensor_hint
+from lungsight.train.data import SliceDataset
 from lungsight.train.splits import patient_folds, validation_split
 from lungsight.train.trainer import FoldTrainer, TrainConfig, _subset_patients, model_config, predict_items, prepare_run
 
@@ -94,8 +95,8 @@ def load_prepared(path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
         return z["image"].astype(np.float32) / 255.0, z["mask"], bool(z["mask_ok"])
 
 
-class XrayDataset(Dataset):
-    """Prepared X-rays -> (normalised tensor, class index), optionally augmented."""
+class XrayDataset(SliceDataset):
+    """Prepared X-rays (``files``, one per record, from :func:`prepare_cache`) -> (normalised tensor, class index)."""
 
     def __init__(
         self,
@@ -108,20 +109,11 @@ class XrayDataset(Dataset):
         std: tuple[float, ...],
         augment: str = "none",
     ) -> None:
-        self.records, self.files = records, files
-        self.index = {c: i for i, c in enumerate(classes)}
-        self.size, self.in_chans, self.mean, self.std = size, in_chans, mean, std
-        self.augment = augmentation(augment)
+        super().__init__(records, classes, size, in_chans, mean, std, augment)  # type: ignore[arg-type]
+        self.files = files
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, _, _ = load_prepared(self.files[i])
-        x = fit_square(image, self.size)
-        if self.augment is not None:
-            x = self.augment(x).clamp_(0.0, 1.0)
-        return normalise(x, self.in_chans, self.mean, self.std)[0], self.index[self.records[i].label]
+    def image(self, i: int) -> np.ndarray:
+        return load_prepared(self.files[i])[0]
 
 
 class XrayFoldTrainer(FoldTrainer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class SliceDataset(Dataset):
 
     def __init__(
         self,
-        items: list[Item],
+        items: Sequence[Item],
         classes: list[str],
         size: int,
         in_chans: int,
@@ -92,9 +93,12 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def image(self, i: int) -> np.ndarray:
+        """Item ``i`` as a grey image in [0, 1] (subclasses read prepared images instead)."""
+        return load_unit(self.items[i].path)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        item = self.items[i]
-        x = fit_square(load_unit(item.path), self.size)  # (1, S, S)
+        x = fit_square(self.image(i), self.size)  # (1, S, S)
         if self.augment is not None:
             x = self.augment(x).clamp_(0.0, 1.0)
-        return normalise(x, self.in_chans, self.mean, self.std)[0], self.index[item.label]
+        return normalise(x, self.in_chans, self.mean, self.std)[0], self.index[self.items[i].label]

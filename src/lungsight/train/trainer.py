@@ -3,7 +3,9 @@
 Run folder layout (``--out``)::
 
     run.json                 the configuration and the command line
+    holdout.csv              (``holdout > 0`` only) patients kept out of every fold: data no fold model saw
     fold_1/ ... fold_k/      state.pt (resumable state), best.safetensors, history.csv, predictions.csv,
+                             val_predictions.csv (the selected model on its validation split, for calibration),
                              metrics.json, done.json (written last: the fold is complete)
     cv_predictions.csv       out-of-fold slice probabilities of every image
     cv_metrics.json          per-fold and mean +/- sd metrics, slice and patient level, every decision rule
@@ -14,7 +16,6 @@ Run folder layout (``--out``)::
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from lungsight.models.registry import build_model, get_spec
 from lungsight.models.weights import atomic_torch_save, read_checkpoint, save_checkpoint
 from lungsight.preprocess.window import LUNG_WINDOW
 from lungsight.train.data import POSITIVE, Item, SliceDataset, class_names, read_labels
+from lungsight.train.runs import prepare_run_folder
 from lungsight.train.splits import class_weights, patient_folds, validation_split
 
 log = logging.getLogger("lungsight.train")
@@ -60,6 +62,7 @@ class TrainConfig:
     min_epochs: int | None = None
     slice_threshold: float = 0.5
     val_fraction: float = 0.15
+    holdout: float = 0.0  # share of patients kept out of training and CV (holdout.csv), for honest evaluation
     seed: int = 0
     workers: int = 1
     max_patients: int | None = None
@@ -297,46 +300,52 @@ def _subset_patients(items: list[Item], max_patients: int | None, seed: int) -> 
     return [it for it in items if it.patient_id in keep]
 
 
+def hold_out(items: list[Item], fraction: float, seed: int, path: Path) -> list[Item]:
+    """Keep about ``fraction`` of the patients (stratified by label) out of training; list them in ``path``.
+
+    The kept-out patients are written to ``path`` (file, label, patient_id) and the remaining items are returned.
+    Deterministic for a seed, so a resumed run holds out the same patients.
+    """
+    if not 0 < fraction < 1:
+        raise InputError(f"--holdout {fraction}: give a share of patients between 0 and 1")
+    rest, held = validation_split(items, np.arange(len(items)), fraction, seed + 7919)
+    atomic_write_csv(
+        path, [{"file": str(items[i].path), "label": items[i].label, "patient_id": items[i].patient_id} for i in held]
+    )
+    return [items[i] for i in rest]
+
+
+#: Settings that must not change when a run is resumed.
+RESUME_KEYS = (
+    "data",
+    "model",
+    "folds",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "input_size",
+    "augment",
+    "seed",
+    "scheduler",
+    "task",
+    "extra_data",
+    "scheme",
+    "segmenter",
+)
+
+
 def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
     """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration."""
-    out = Path(cfg.out)
-    run_json = out / "run.json"
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue it or a new --out")
-        if not run_json.exists():
-            raise InputError(f"{out}: not a lungsight run folder (no run.json); refusing to write into it")
-        previous = json.loads(run_json.read_text())
-        keys = (
-            "data",
-            "model",
-            "folds",
-            "epochs",
-            "batch_size",
-            "lr",
-            "optimizer",
-            "input_size",
-            "augment",
-            "seed",
-            "scheduler",
-            "task",
-            "extra_data",
-            "scheme",
-            "segmenter",
-        )
-        changed = [k for k in keys if previous.get(k) != asdict(cfg).get(k)]
-        if changed:
-            raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_json, asdict(cfg))
-    return out
+    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, RESUME_KEYS)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run cross-validation (``folds >= 2``) or a final fit on all data (``folds == 0``). Returns the summary."""
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     cfg = cfg.resolved()
+    if cfg.holdout and cfg.task != "ct":
+        raise InputError("--holdout is implemented for CT runs (task ct) only")
     if cfg.task == "cxr":
         from lungsight.train.cxr import train_cxr
 
@@ -350,6 +359,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if cfg.pretrained:  # obtain the weights (or fail with the way forward) before a run folder exists
         build_model(cfg.model, len(classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
     out = prepare_run(cfg, resume)
+    if cfg.holdout:
+        items = hold_out(items, cfg.holdout, cfg.seed, out / "holdout.csv")
     n_pat = len({it.patient_id for it in items})
     print(
         f"{len(items)} images, {n_pat} patients, classes {classes}; model {cfg.model} at {cfg.input_size}px",
@@ -380,6 +391,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         test_ds = trainer.make_ds(test_idx, "none")
         probs = predict_items(model, test_ds, cfg.batch_size, cfg.workers)
         rows = _write_predictions(fold_dir / "predictions.csv", items, test_idx, probs, k, classes)
+        val_probs = predict_items(model, trainer.make_ds(va, "none"), cfg.batch_size, cfg.workers)
+        _write_predictions(fold_dir / "val_predictions.csv", items, va, val_probs, k, classes)
         all_rows += rows
         atomic_write_json(done, {"fold": k, "n_test": len(test_idx)})
     from lungsight.train.report import write_cv_report
