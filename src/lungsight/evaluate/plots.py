@@ -383,3 +383,66 @@ def plot_embedding(
     ax.set_yticks([])
     ax.set_title(title)
     return _save_atomic(fig, path)
+
+
+# ---------------------------------------------------------------- calibration and ensemble uncertainty pictures
+
+
+def plot_reliability(
+    tables: Mapping[str, Mapping[str, Sequence[float | int | None]]],
+    path: str | Path,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Reliability diagram: per entry ``name: table`` (``edges``, ``count``, ``confidence``, ``accuracy`` as made by
+    :func:`lungsight.evaluate.calibration.reliability`) the accuracy against the mean confidence of each non-empty
+    bin, the diagonal of perfect calibration, and below it the number of cases per bin."""
+    if not tables:
+        raise ValueError("no reliability tables to plot")
+    fig = Figure(figsize=(5.0, 5.6), dpi=DPI)
+    ax, ax_n = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="perfect calibration")
+    for j, (name, t) in enumerate(tables.items()):
+        edges = np.asarray(t["edges"], dtype=float)
+        width = float(np.diff(edges).min()) / (len(tables) + 1)
+        keep = [i for i, c in enumerate(t["count"]) if c]
+        conf = [t["confidence"][i] for i in keep]
+        acc = [t["accuracy"][i] for i in keep]
+        ax.plot(conf, acc, marker="o", linewidth=1.6, label=name)
+        ax_n.bar(edges[:-1] + (j + 0.5) * width, t["count"], width=width, align="edge", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    ax_n.set_xlabel("mean confidence in bin")
+    ax_n.set_ylabel("cases")
+    ax_n.grid(alpha=0.3)
+    return _save_atomic(fig, path)
+
+
+def plot_uncertainty(
+    uncertainty: ArrayLike,
+    error: ArrayLike,
+    path: str | Path,
+    label: str = "uncertainty",
+    title: str = "Uncertainty on correct and wrong predictions",
+) -> Path:
+    """Histograms of an uncertainty measure for the correct and the wrong predictions (``error`` is boolean), each
+    normalised to its own count so that the two shapes can be compared."""
+    u = np.asarray(uncertainty, dtype=float)
+    e = np.asarray(error).astype(bool)
+    if u.shape != e.shape or not u.size:
+        raise ValueError("uncertainty and error must have the same, non-zero length")
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
+    bins = np.linspace(0.0, max(float(u.max()), 1e-6), 21)
+    for mask, name, colour in ((~e, "correct", "tab:blue"), (e, "wrong", "tab:red")):
+        if mask.any():
+            ax.hist(u[mask], bins=bins, density=True, alpha=0.55, color=colour, label=f"{name} (n={int(mask.sum())})")
+    ax.set_xlabel(label)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save_atomic(fig, path)

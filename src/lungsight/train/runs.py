@@ -11,9 +11,16 @@ from lungsight.errors import InputError
 from lungsight.fileio import atomic_write_json
 
 
-def prepare_run_folder(out: Path, settings: Mapping[str, Any], resume: bool, resume_keys: Sequence[str]) -> Path:
+def prepare_run_folder(
+    out: Path,
+    settings: Mapping[str, Any],
+    resume: bool,
+    resume_keys: Sequence[str],
+    defaults: Mapping[str, Any] | None = None,
+) -> Path:
     """Create ``out`` and write ``run.json``; refuse a non-empty folder unless resuming, and refuse to resume a
-    run whose ``resume_keys`` settings differ from ``settings`` (compared as JSON, so tuples equal lists)."""
+    run whose ``resume_keys`` settings differ from ``settings`` (compared as JSON, so tuples equal lists).
+    ``defaults`` stand for keys that a run written by an older version does not have."""
     out = Path(out)
     run_json = out / "run.json"
     now = json.loads(json.dumps(dict(settings)))
@@ -23,7 +30,8 @@ def prepare_run_folder(out: Path, settings: Mapping[str, Any], resume: bool, res
         if not run_json.exists():
             raise InputError(f"{out}: not a lungsight run folder (no run.json); refusing to write into it")
         previous = json.loads(run_json.read_text())
-        changed = [k for k in resume_keys if previous.get(k) != now.get(k)]
+        old = dict(defaults or {}) | previous
+        changed = [k for k in resume_keys if old.get(k) != now.get(k)]
         if changed:
             raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
         return out

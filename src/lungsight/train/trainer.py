@@ -332,12 +332,13 @@ RESUME_KEYS = (
     "extra_data",
     "scheme",
     "segmenter",
+    "holdout",
 )
 
 
 def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
     """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration."""
-    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, RESUME_KEYS)
+    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, RESUME_KEYS, defaults={"holdout": 0.0})
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
