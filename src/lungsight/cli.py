@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM (default 4)")
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
+    p.add_argument("--infection-model", type=Path, help="CT: infection U-Net file; adds the infected fraction of lung")
 
     p = sub.add_parser("train", help="patient-grouped cross-validation, or a final fit with --folds 0")
     p.add_argument(
@@ -109,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         help="torch threads (default: all cores; on a machine shared with other jobs 1 is often much faster)",
     )
     p.add_argument("--max-patients", type=int, help="train on a random subset of patients (quick checks)")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="CT: share of patients kept out of every fold (listed in holdout.csv) for an honest ensemble test",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
     p = sub.add_parser("train-view", help="train the frontal/lateral/CT view classifier (xr-view), with CV")
@@ -142,6 +149,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=["threshold-0", "threshold-10", "consecutive", "mean"])
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
 
+    p = sub.add_parser("calibrate", help="temperature scaling of a CV run: ECE, NLL, Brier before and after")
+    p.add_argument("run", type=Path, help="CV run folder (fold_*/val_predictions.csv and predictions.csv)")
+    p.add_argument("--bins", type=int, default=15, help="equal-width confidence bins of the ECE (default 15)")
+    p.add_argument(
+        "--rebuild-val",
+        action="store_true",
+        help="first write the validation predictions of an older CT run that lacks them (rebuilt splits, checked)",
+    )
+
+    p = sub.add_parser("ensemble", help="score the k fold models of a CV run together on unseen data")
+    p.add_argument("run", type=Path, help="CV run folder (fold_*/best.safetensors, cv_predictions.csv)")
+    p.add_argument("--data", type=Path, help="folder with labels.csv (default: the run's holdout.csv)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--unseen-only",
+        action="store_true",
+        help="drop images whose patient or file the run trained on (default: refuse such data)",
+    )
+    p.add_argument("--bins", type=int, default=15, help="equal-width confidence bins of the ECE (default 15)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
     p = sub.add_parser("inspect", help="read a study and print what was found (no model)")
     _add_input_options(p)
 
@@ -160,11 +188,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
 
-    p = sub.add_parser("segment", help="X-ray lung fields: train a lung U-Net, or segment one X-ray")
+    p = sub.add_parser("speed", help="seconds per study against series length for several models (paper 002 Table 7)")
+    p.add_argument("input", type=Path, nargs="?", help="CT study to resample (default: the bundled example)")
+    p.add_argument("--out", type=Path, required=True, help="folder for speed.csv, speed.json and speed.png")
+    p.add_argument(
+        "--models",
+        default="ct-default",
+        help="comma-separated named models and registered architectures, NAME[:PX] (architectures run untrained)",
+    )
+    p.add_argument("--slices", type=int, nargs="+", default=[20, 50, 100, 200, 400], help="series lengths")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: spin-waiting on busy cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda is used only when available")
+    p.add_argument("--max-seconds", type=float, help="skip cells estimated to take longer than this per study")
+
+    p = sub.add_parser("segment", help="train a lung/infection U-Net (X-rays or CT volumes), or segment one X-ray")
     ssub = p.add_subparsers(dest="segment_command", required=True)
-    st = ssub.add_parser("train", help="train a lung U-Net on an image+mask folder (see docs/lung-fields.md)")
+    st = ssub.add_parser("train", help="train a U-Net on images+masks (docs/lung-fields.md, docs/ct-segmentation.md)")
     st.add_argument("--data", type=Path, required=True, help="folder of X-rays with lung masks")
-    st.add_argument("--layout", choices=["auto", "montgomery", "shenzhen", "jsrt", "pairs"], default="auto")
+    st.add_argument("--layout", choices=["auto", "montgomery", "shenzhen", "jsrt", "pairs", "nifti"], default="auto")
+    st.add_argument("--encoder", choices=["monai", "xception"], default="monai", help="U-Net encoder (default monai)")
+    st.add_argument("--target", choices=["lung", "infection"], default="lung", help="what the masks are (nifti)")
+    st.add_argument("--masks", help="nifti, one volume: mask volume, folder of them (union), or 'hu' (derived)")
+    st.add_argument("--val-fraction", type=float, default=0.15, help="held out (nifti: a contiguous slab per volume)")
+    st.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy cores)")
+    st.add_argument("--early-stop", type=int, default=10, help="stop after N epochs without a better Dice")
     st.add_argument("--out", type=Path, required=True, help="run folder (model.safetensors is written there)")
     st.add_argument("--epochs", type=int, default=50)
     st.add_argument("--batch-size", type=int, default=8)
@@ -222,6 +270,10 @@ def _predict(args: argparse.Namespace) -> int:
         pred = det.predict(study, rule=args.rule, top_k=args.top_k, select=not args.no_select)
     except LungsightError as exc:
         raise type(exc)(f"{args.input}: {exc}") from exc
+    if args.infection_model:
+        from lungsight.inference.infection import add_infection
+
+        add_infection(pred, study, args.infection_model, args.out)
     timings = pred.result["timings_s"]
     timings["read"] = t_read
     timings["total"] += t_read
@@ -265,6 +317,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         max_patients=args.max_patients,
+        holdout=args.holdout,
     )
     train(cfg, resume=args.resume)
     return 0
@@ -310,6 +363,59 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from lungsight.evaluate.calibration import calibrate_run, rebuild_val_predictions
+
+    if args.rebuild_val:
+        print(f"rebuilt validation predictions: {len(rebuild_val_predictions(args.run))} fold(s)")
+    r = calibrate_run(args.run, bins=args.bins)
+    b, a = r["pooled"]["before"], r["pooled"]["after"]
+    print(f"temperatures: {', '.join(f'{t:.3f}' for t in r['temperatures'])}")
+    print(
+        f"pooled held-out folds (n={r['pooled']['n']}): ECE {b['ece']:.3f} -> {a['ece']:.3f}, "
+        f"NLL {b['nll']:.3f} -> {a['nll']:.3f}, Brier {b['brier']:.3f} -> {a['brier']:.3f}"
+    )
+    lo, hi = r["pooled"]["ece_change_ci95"]
+    print(f"ECE change, 95% interval over patients: {lo:+.3f} to {hi:+.3f}")
+    print(f"written to {args.run} (calibration.json, calibration.md, reliability.png)")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    import torch
+
+    from lungsight.evaluate.ensemble import evaluate_ensemble
+
+    torch.set_num_threads(args.threads)
+    r = evaluate_ensemble(args.run, args.out, data=args.data, unseen_only=args.unseen_only, bins=args.bins)
+    e, s, u = r["ensemble"], r["single_mean"], r["uncertainty"]["sd_positive"]
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(
+        f"{r['n']} unseen images ({r['patients']} patients; {r['dropped_seen']} seen dropped), {r['members']} members"
+    )
+    print(f"ensemble: AUC {f(e['auc'])}, accuracy {f(e['accuracy'])}, ECE {f(e['ece'])}")
+    print(f"single models (mean): AUC {f(s['auc'])}, accuracy {f(s['accuracy'])}, ECE {f(s['ece'])}")
+    g = r["gain_ci95"]
+    shown = {k: "n/a" if g[k] is None else f"{g[k][0]:+.3f} to {g[k][1]:+.3f}" for k in ("auc", "accuracy")}
+    print(f"ensemble gain, 95% CI over patients: AUC {shown['auc']}, accuracy {shown['accuracy']}")
+    if "temperature_scaling" in r:
+        ts = r["temperature_scaling"]
+        print(
+            f"validation-fitted temperatures on these patients: ECE single {ts['members_before']['ece']:.3f} -> "
+            f"{ts['members_after']['ece']:.3f}, ensemble {ts['ensemble_before']['ece']:.3f} -> "
+            f"{ts['ensemble_after']['ece']:.3f}"
+        )
+    print(
+        f"sd across members: {f(u['mean_on_errors'])} on {u['n_errors']} errors, {f(u['mean_on_correct'])} on "
+        f"{u['n_correct']} correct; as an error detector AUC {f(u['error_detection_auc'])}"
+    )
+    print(f"written to {args.out}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     print(json.dumps(_load(args).summary(), indent=2))
     return 0
@@ -340,6 +446,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace) -> int:
+    from lungsight.speed import run_speed
+
+    run_speed(
+        args.out,
+        study_path=args.input,
+        models=[m for m in args.models.split(",") if m.strip()],
+        slices=args.slices,
+        repeats=args.repeats,
+        threads=args.threads,
+        device=args.device,
+        max_seconds=args.max_seconds,
+    )
+    return 0
+
+
 def _segment(args: argparse.Namespace) -> int:
     if args.segment_command == "train":
         from lungsight.train.segmentation import SegTrainConfig, train_segmentation
@@ -355,6 +477,12 @@ def _segment(args: argparse.Namespace) -> int:
             augment=not args.no_augment,
             seed=args.seed,
             max_images=args.max_images,
+            encoder=args.encoder,
+            target=args.target,
+            masks=args.masks,
+            val_fraction=args.val_fraction,
+            threads=args.threads,
+            early_stop=args.early_stop,
         )
         train_segmentation(cfg, resume=args.resume)
         return 0
@@ -403,9 +531,12 @@ COMMANDS = {
     "train": _train,
     "train-view": _train_view,
     "evaluate": _evaluate,
+    "calibrate": _calibrate,
+    "ensemble": _ensemble,
     "inspect": _inspect,
     "models": _models,
     "bench": _bench,
+    "speed": _speed,
     "segment": _segment,
     "serve": _serve,
 }

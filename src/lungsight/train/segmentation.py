@@ -1,6 +1,6 @@
-"""Training a lung U-Net (:mod:`lungsight.models.unet`) on a folder of X-rays with manual lung masks.
+"""Training a lung (or CT infection) U-Net (:mod:`lungsight.models.unet`) on images with masks.
 
-Layouts (``layout="auto"`` recognises them by their folders):
+Layouts of X-rays with lung masks (``layout="auto"`` recognises them by their folders):
 
 * ``montgomery``: ``CXR_png/NAME.png`` with ``ManualMask/leftMask/NAME.png`` and ``ManualMask/rightMask/NAME.png``
   (the two lungs are joined);
@@ -9,12 +9,32 @@ Layouts (``layout="auto"`` recognises them by their folders):
 * ``jsrt`` and ``pairs``: ``images/NAME.*`` with ``masks/NAME.*`` (or ``masks/NAME_mask.*``), or with one file of
   that name in each sub-folder of ``masks/`` (SCR's ``masks/left lung/``, ``masks/right lung/``: joined).
 
+and CT volumes with mask volumes (``layout="nifti"``, axial slices are the examples; :func:`discover_volumes`):
+
+* a COVID-19-CT-Seg folder: ``ct_scans/`` (or ``COVID-19-CT-Seg_20cases/``) with ``lung_mask/`` or
+  ``infection_mask/`` (folder names in any case; ``target`` picks which), files matched by name (Kaggle's ``_org``,
+  ``covid-19-pneumonia-`` and ``-dcm`` name parts are ignored in the match);
+* a MedSeg folder: ``tr_im.nii.gz`` with ``tr_mask.nii.gz`` (infection: labels 1 ground glass and 2 consolidation)
+  or ``tr_lungmasks_updated.nii.gz`` (lung);
+* one volume file with ``masks``: a mask volume, or a folder of mask volumes whose union is the target (the lobe
+  masks of ``ct-volume/masks/``), or ``"hu"``: lung masks derived from the HU values by
+  :func:`lungsight.preprocess.ct_lungs.derive_lung_mask_hu` - a threshold rule, not a manual mask.
+
+Volumes are read with :func:`lungsight.load_study` (HU, canonical display order) and shown to the U-Net through the
+lung window without equalisation (``preprocess: "window"``); masks with :func:`lungsight.io.nifti.read_nifti` in the
+same order. For a lung target only slices that contain lung are used; for an infection target, the slices that
+contain lung by the HU rule. Neighbouring slices are nearly the same image, so a random slice split would score a
+model on near-copies of its training slices: CT volumes are split into *contiguous slabs* instead - in each volume a
+seeded run of ``val_fraction`` of its slices (at least one) is held out, and ``slab_gap`` slices on either side of it
+are used for neither training nor validation (:func:`split_slabs`).
+
 The images are read with :func:`lungsight.load_study` (PNG, JPEG, TIFF, DICOM) and held in memory at the input size
 (256 px: 0.25 MB each). Loss: Dice + binary cross-entropy (MONAI ``DiceCELoss``); Adam, learning rate 1e-4, halved
 when the validation Dice has not improved for 3 epochs (``ReduceLROnPlateau``); stop after 10 epochs without
 improvement. Light augmentation: rotation +/-10 degrees, shift 5 %, zoom 10 %, brightness and contrast +/-10 %.
-A random 15 % of the images (at least one) is held out and the Dice on it is reported every epoch, next to the Dice
-of the trivial all-lung mask (the empty mask scores 0).
+For X-rays a random 15 % of the images (at least one) is held out, for volumes the slabs above; the Dice on the
+held-out images is reported every epoch, next to the Dice of the trivial all-ones mask (the empty mask scores 0).
+``encoder="xception"`` trains paper 003's Xception-encoder U-Net instead of MONAI's.
 
 Run folder (``out``)::
 
@@ -51,13 +71,25 @@ from lungsight.about import __version__
 from lungsight.errors import InputError, LungsightError
 from lungsight.fileio import atomic_write_csv, atomic_write_json
 from lungsight.io.images import IMAGE_SUFFIXES, natural_key
-from lungsight.models.unet import build_lung_unet, lung_unet_config, normalise, save_lung_unet, unet_image
+from lungsight.io.nifti import read_nifti
+from lungsight.models.unet import (
+    TASK,
+    build_lung_unet,
+    lung_unet_config,
+    normalise,
+    save_lung_unet,
+    unet_image,
+)
 from lungsight.models.weights import atomic_torch_save, read_checkpoint
+from lungsight.preprocess.ct_lungs import derive_lung_mask_hu
 from lungsight.preprocess.lung_fields import resize_mask
 from lungsight.preprocess.window import to_unit
 
-LAYOUTS = ("auto", "montgomery", "shenzhen", "jsrt", "pairs")
+LAYOUTS = ("auto", "montgomery", "shenzhen", "jsrt", "pairs", "nifti")
+TARGETS = ("lung", "infection")
+TASK_OF_TARGET = {"lung": TASK, "infection": "infection-segmentation"}
 READABLE = IMAGE_SUFFIXES | {".dcm"}
+MEDSEG_INFECTION_LABELS = (1, 2)  # MedSeg tr_mask.nii.gz: 1 ground glass, 2 consolidation, 3 pleural effusion
 
 
 @dataclass(frozen=True)
@@ -66,6 +98,144 @@ class Pair:
 
     image: Path
     masks: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class VolumePair:
+    """One CT volume and its target: the union of ``masks`` (voxels whose value is in ``labels``, or any non-zero
+    voxel when ``labels`` is empty), or, with no mask files, lung masks derived from HU."""
+
+    volume: Path
+    masks: tuple[Path, ...]
+    labels: tuple[int, ...] = ()
+
+    @property
+    def derived(self) -> bool:
+        return not self.masks
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and not name.startswith(".") and (name.endswith(".nii") or name.endswith(".nii.gz"))
+
+
+def _volume_key(path: Path) -> str:
+    """A volume's name without suffix and without the parts that differ between COVID-19-CT-Seg's folders on Kaggle."""
+    name = path.name.lower().removesuffix(".gz").removesuffix(".nii")
+    for part in ("_org", "covid-19-pneumonia-", "-dcm"):
+        name = name.replace(part, "")
+    return name
+
+
+def _volumes(folder: Path) -> dict[str, Path]:
+    return {_volume_key(p): p for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)) if _is_nifti(p)}
+
+
+def _subfolder(root: Path, *names: str) -> Path | None:
+    found = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    return next((found[n] for n in names if n in found), None)
+
+
+def discover_volumes(root: Path, target: str = "lung", masks: str | None = None) -> list[VolumePair]:
+    """CT volumes with their target masks (layouts in the module docstring); ``masks="hu"`` derives lung masks."""
+    root = Path(root)
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    derived = masks == "hu"
+    if derived and target != "lung":
+        raise InputError("--masks hu derives lung masks; it cannot stand in for a --target infection mask")
+    if _is_nifti(root):
+        if not masks:
+            raise InputError(f"{root}: a single volume needs --masks (a mask volume, a folder of them, or 'hu')")
+        if derived:
+            return [VolumePair(root, ())]
+        mask_path = Path(masks)
+        files = list(_volumes(mask_path).values()) if mask_path.is_dir() else [mask_path]
+        if not files or not all(_is_nifti(f) for f in files):
+            raise InputError(f"{mask_path}: no NIfTI mask volume found")
+        return [VolumePair(root, tuple(files))]
+    if not root.is_dir():
+        raise InputError(f"{root}: not a NIfTI volume or a folder")
+    if masks is not None and not derived:
+        raise InputError(f"{root}: --masks FILE goes with a single volume; a folder brings its own masks")
+    if (root / "tr_im.nii.gz").is_file():  # MedSeg
+        volume = root / "tr_im.nii.gz"
+        if derived:
+            return [VolumePair(volume, ())]
+        if target == "infection":
+            mask = root / "tr_mask.nii.gz"
+            if not mask.is_file():
+                raise InputError(f"{root}: no tr_mask.nii.gz for an infection target (MedSeg layout)")
+            return [VolumePair(volume, (mask,), MEDSEG_INFECTION_LABELS)]
+        lung = root / "tr_lungmasks_updated.nii.gz"
+        if not lung.is_file():
+            raise InputError(f"{root}: no tr_lungmasks_updated.nii.gz for a lung target (or pass --masks hu)")
+        return [VolumePair(volume, (lung,))]
+    images_dir = _subfolder(root, "ct_scans", "covid-19-ct-seg_20cases") or root
+    volumes = _volumes(images_dir)
+    if derived:
+        pairs = [VolumePair(v, ()) for v in volumes.values()]
+    else:
+        mask_dir = _subfolder(root, f"{target}_mask")
+        if mask_dir is None:
+            raise InputError(f"{root}: no {target}_mask/ folder next to the CT volumes (COVID-19-CT-Seg layout)")
+        mask_files = _volumes(mask_dir)
+        pairs = [VolumePair(v, (mask_files[k],)) for k, v in volumes.items() if k in mask_files]
+    if not pairs:
+        raise InputError(f"{root}: no CT volume with a matching {target} mask found (nifti layout)")
+    return pairs
+
+
+def read_volume_pair(pair: VolumePair, target: str = "lung") -> tuple[np.ndarray, np.ndarray]:
+    """(``(n, H, W)`` HU volume, ``(n, H, W)`` bool target) in display order."""
+    try:
+        study = lungsight.load_study(pair.volume, modality="CT")
+    except LungsightError as exc:
+        raise InputError(f"{pair.volume}: cannot read ({exc})") from None
+    if study.intensity != "hu":
+        raise InputError(f"{pair.volume}: not a CT volume in Hounsfield units")
+    hu = study.pixels
+    if pair.derived:
+        return hu, derive_lung_mask_hu(hu)
+    target_mask = np.zeros(hu.shape, dtype=bool)
+    for path in pair.masks:
+        m = read_nifti(path, str(path)).pixels
+        if m.shape != hu.shape:
+            raise InputError(f"{path}: mask shape {m.shape} does not match the volume's {hu.shape}")
+        target_mask |= np.isin(np.rint(m), pair.labels) if pair.labels else m > 0.5
+    return hu, target_mask
+
+
+def volume_slices(pair: VolumePair, target: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs ``(k, S, S)`` in [0, 1], targets ``(k, S, S)`` bool, slice indices ``(k,)``) of the slices used:
+    those with lung in the target (lung) or by the HU rule (infection)."""
+    hu, target_mask = read_volume_pair(pair, target)
+    has = (target_mask if target == "lung" else derive_lung_mask_hu(hu)).any(axis=(1, 2))
+    idx = np.flatnonzero(has)
+    if not len(idx):
+        raise InputError(f"{pair.volume}: no slice contains lung")
+    xs = np.stack([unet_image(to_unit(hu[k], "hu"), size, "window") for k in idx])
+    ys = np.stack([resize_mask(target_mask[k], (size, size)) for k in idx])
+    return xs, ys, idx
+
+
+def split_slabs(groups: np.ndarray, val_fraction: float, seed: int, gap: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of slices grouped by volume (``groups[i]``, slices of a volume consecutive and in
+    order): per volume a contiguous slab of ``val_fraction`` of its slices (at least one) at a seeded position is
+    held out, and ``gap`` slices either side of it are left out of both sets."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        n = len(members)
+        n_val = max(1, round(val_fraction * n))
+        if n - n_val - 2 * gap < 1:
+            raise InputError(f"volume {g}: {n} usable slices are too few for a slab of {n_val} and gaps of {gap}")
+        start = int(rng.integers(0, n - n_val + 1))
+        pos = np.arange(n)
+        val.append(members[(pos >= start) & (pos < start + n_val)])
+        train.append(members[(pos < start - gap) | (pos >= start + n_val + gap)])
+    return np.concatenate(train), np.concatenate(val)
 
 
 def detect_layout(root: Path) -> str:
@@ -104,6 +274,8 @@ def discover_pairs(root: Path, layout: str = "auto") -> tuple[str, list[Pair], i
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(root)
+    if layout == "nifti":
+        raise InputError(f"{root}: the nifti layout holds volumes; use discover_volumes")
     if layout == "montgomery":
         images_dir, mask_dirs = root / "CXR_png", [root / "ManualMask" / "leftMask", root / "ManualMask" / "rightMask"]
     elif layout == "shenzhen":
@@ -193,10 +365,19 @@ class SegTrainConfig:
     augment: bool = True
     seed: int = 0
     max_images: int | None = None
+    encoder: str = "monai"
+    target: str = "lung"
+    masks: str | None = None
+    slab_gap: int = 1
+    threads: int | None = None
     command: str = field(default_factory=lambda: " ".join(["lungsight", *sys.argv[1:]]))
 
     def unet_config(self) -> dict[str, Any]:
         return lung_unet_config(
+            task=TASK_OF_TARGET[self.target],
+            arch="xception-unet" if self.encoder == "xception" else "monai-unet",
+            encoder=self.encoder,
+            preprocess="window" if self.layout == "nifti" else "equalise",
             input_size=self.input_size,
             channels=list(self.channels),
             strides=[2] * (len(self.channels) - 1),
@@ -204,7 +385,10 @@ class SegTrainConfig:
         )
 
 
-_RESUME_KEYS = ("data", "layout", "epochs", "batch_size", "lr", "input_size", "channels", "num_res_units", "seed")
+_RESUME_KEYS = (
+    *("data", "layout", "epochs", "batch_size", "lr", "input_size", "channels", "num_res_units", "seed"),
+    *("encoder", "target", "masks", "slab_gap"),
+)
 
 
 def _prepare_run(cfg: SegTrainConfig, resume: bool) -> Path:
@@ -254,19 +438,67 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume training) a lung U-Net; returns the summary (also written to ``summary.json``)."""
-    layout, pairs, skipped = discover_pairs(Path(cfg.data), cfg.layout)
+def _load_volumes(cfg: SegTrainConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[dict[str, Any]]]:
+    """All usable slices of the nifti layout: inputs, targets, volume index per slice, and what each volume gave."""
+    pairs = discover_volumes(Path(cfg.data), cfg.target, cfg.masks)
     if cfg.max_images:
         pairs = pairs[: cfg.max_images]
-    train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, cfg.seed)
-    out = _prepare_run(cfg, resume)
-    print(
-        f"{layout} layout: {len(pairs)} image+mask pairs ({skipped} images without a mask skipped); "
-        f"train {len(train_idx)} / validation {len(val_idx)}; U-Net at {cfg.input_size}px",
-        flush=True,
-    )
-    images, masks = _load_all(pairs, cfg.input_size)
+    xs, ys, groups, volumes = [], [], [], []
+    for g, pair in enumerate(tqdm(pairs, desc="reading volumes and masks", leave=False, disable=None)):
+        x, y, idx = volume_slices(pair, cfg.target, cfg.input_size)
+        xs.append(x)
+        ys.append(y)
+        groups.append(np.full(len(idx), g))
+        volumes.append({"volume": pair.volume.name, "target": "derived-hu" if pair.derived else "mask", "slices": idx})
+    images = torch.from_numpy(np.concatenate(xs))
+    masks = torch.from_numpy(np.concatenate(ys).astype(np.float32))
+    return images, masks, np.concatenate(groups), volumes
+
+
+def _held_out(volumes: list[dict[str, Any]], groups: np.ndarray, val_idx: np.ndarray) -> list[dict[str, Any]]:
+    """Per volume, the slice indices (in display order of the volume) that were held out."""
+    positions = {i: int(np.sum(groups[:i] == groups[i])) for i in val_idx}
+    return [
+        {
+            "volume": v["volume"],
+            "target": v["target"],
+            "val_slices": [int(v["slices"][positions[i]]) for i in val_idx if groups[i] == g],
+        }
+        for g, v in enumerate(volumes)
+    ]
+
+
+def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume training) a lung U-Net; returns the summary (also written to ``summary.json``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    held_out: list[dict[str, Any]] = []
+    if cfg.layout == "nifti":
+        layout, skipped = "nifti", 0
+        images, masks, groups, volumes = _load_volumes(cfg)
+        train_idx, val_idx = split_slabs(groups, cfg.val_fraction, cfg.seed, cfg.slab_gap)
+        held_out = _held_out(volumes, groups, val_idx)
+        n_pairs = len(images)
+        out = _prepare_run(cfg, resume)
+        print(
+            f"nifti layout: {len(volumes)} volume(s), {n_pairs} slices with lung ({cfg.target} target"
+            f"{', derived from HU' if any(v['target'] == 'derived-hu' for v in volumes) else ''}); "
+            f"train {len(train_idx)} / held-out slab {len(val_idx)}; U-Net ({cfg.encoder}) at {cfg.input_size}px",
+            flush=True,
+        )
+    else:
+        layout, pairs, skipped = discover_pairs(Path(cfg.data), cfg.layout)
+        if cfg.max_images:
+            pairs = pairs[: cfg.max_images]
+        train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, cfg.seed)
+        n_pairs = len(pairs)
+        out = _prepare_run(cfg, resume)
+        print(
+            f"{layout} layout: {len(pairs)} image+mask pairs ({skipped} images without a mask skipped); "
+            f"train {len(train_idx)} / validation {len(val_idx)}; U-Net ({cfg.encoder}) at {cfg.input_size}px",
+            flush=True,
+        )
+        images, masks = _load_all(pairs, cfg.input_size)
     all_lung = float(
         compute_dice(torch.ones_like(masks[val_idx, None]), masks[val_idx, None], ignore_empty=False).mean()
     )
@@ -323,6 +555,7 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
         if dice > st["best_dice"]:
             st.update(best_dice=dice, best_epoch=epoch, bad_epochs=0)
             meta = {"epoch": epoch, "val_dice": dice, "layout": layout, "lungsight_version": __version__}
+            meta |= {"target": cfg.target, "held_out": held_out} if held_out else {}
             save_lung_unet(model, config | {"training": meta}, best_path)
         else:
             st["bad_epochs"] += 1
@@ -340,7 +573,7 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
     summary = {
         "model": str(out / "model.safetensors"),
         "layout": layout,
-        "n_pairs": len(pairs),
+        "n_pairs": n_pairs,
         "n_skipped": skipped,
         "n_train": len(train_idx),
         "n_val": len(val_idx),
@@ -348,7 +581,11 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
         "best_val_dice": st["best_dice"],
         "baseline_all_lung_dice": all_lung,
         "epochs_run": st["epoch"],
+        "encoder": cfg.encoder,
+        "target": cfg.target,
     }
+    if held_out:
+        summary["held_out"] = held_out
     atomic_write_json(out / "summary.json", summary)
     print(f"model written to {out / 'model.safetensors'} (validation Dice {st['best_dice']:.3f})", flush=True)
     return summary
