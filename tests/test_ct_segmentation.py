@@ -214,6 +214,7 @@ def test_train_on_a_volume_then_infection_drop_in(ct_dir: Path, tmp_path: Path, 
     assert entry["lung_mask"].startswith("derived from HU") and 0.0 <= entry["fraction_of_lung"] <= 1.0
     assert entry["per_slice"] and entry["overlays"]
     assert all((out / o["file"]).is_file() for o in entry["overlays"])
+    assert "Infected fraction of the lungs" in (out / "report.html").read_text()
     capsys.readouterr()
     assert main(["predict", str(small), "--out", str(tmp_path / "bad"), "--infection-model", str(volume)]) != 0
     assert "lungsight: error:" in capsys.readouterr().err

@@ -298,6 +298,31 @@ def _evidence(result: dict) -> str:
     )
 
 
+def _infection(result: dict, out_dir: Path) -> str:
+    """CT with ``--infection-model``: the infected fraction of the lungs and the most infected slices."""
+    inf = _d(result.get("infection"))
+    if not inf:
+        return ""
+    items = [
+        ("Infected fraction of the lungs", _pct(inf.get("fraction_of_lung"))),
+        ("Infection model", inf.get("model")),
+        ("Lung mask from", inf.get("lung_mask")),
+    ]
+    root = out_dir.resolve()
+    figs = []
+    for o in (_d(x) for x in _l(inf.get("overlays"))):
+        path = (out_dir / str(o["file"])).resolve() if o.get("file") else None
+        if path is not None and not path.is_relative_to(root):
+            path = None
+        figs.append(_figure(path, f"slice {_fmt(o.get('index'))}"))
+    return (
+        f"<h2>Infection (segmentation model)</h2>{_kv(items)}"
+        '<p class="legend">Pixels the infection model marks inside the lung mask (magenta outline), as a share of '
+        "the lung pixels, over the whole series.</p>"
+        f'<div class="grid">{"".join(figs)}</div>'
+    )
+
+
 def _figures(figures: Mapping[str, Path] | None) -> str:
     if not figures:
         return ""
@@ -405,6 +430,7 @@ def render_report(result: dict, out_dir: Path, *, figures: Mapping[str, Path] | 
         _slices(result),
         _figures(figures),
         _overlays(result, out_dir),
+        _infection(result, out_dir),
         _input(result),
         _model(result),
         _timings(result),
