@@ -159,3 +159,18 @@ def test_model_files_are_readable_by_others(tmp_path):
     """safetensors recreates the file it writes: the atomic write sets 0644 after writing, not before."""
     _, path = write_tiny_model(tmp_path / "m.safetensors")
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "googlenet"])
+def test_torchvision_models_take_a_local_imagenet_style_weights_file(tmp_path, arch):
+    """Papers 000/001's AlexNet and GoogLeNet: a torchvision state dict (1000 classes) initialises all but the head."""
+    import torchvision.models as tvm
+
+    kw = {"aux_logits": True, "init_weights": True} if arch == "googlenet" else {}
+    reference = tvm.get_model(arch, weights=None, **kw)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(arch, num_classes=2, pretrained=path)
+    first_conv = "features.0.weight" if arch == "alexnet" else "conv1.conv.weight"
+    assert torch.equal(model.net.state_dict()[first_conv], reference.state_dict()[first_conv])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)

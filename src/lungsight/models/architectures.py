@@ -145,3 +145,42 @@ class TimmClassifier(CamMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class TorchvisionClassifier(CamMixin, nn.Module):
+    """A torchvision classification network (for the papers' models timm does not have: AlexNet, GoogLeNet) with
+    its last layer replaced for ``num_classes`` and the Grad-CAM layer named per architecture."""
+
+    def __init__(
+        self,
+        arch: str,
+        cam_layer: str,
+        num_classes: int = 2,
+        pretrained: bool = False,
+        weights_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        import torchvision.models as tvm
+
+        extra = {"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}
+        if pretrained:
+            extra.pop("init_weights", None)
+            self.net = tvm.get_model(arch, weights=tvm.get_model_weights(arch).DEFAULT, **extra)
+        else:
+            self.net = tvm.get_model(arch, weights=None, **extra)
+        if weights_file:
+            from lungsight.models.weights import load_state_dict
+
+            state = {k: v for k, v in load_state_dict(weights_file).items() if not k.startswith(("aux1.", "aux2."))}
+            self.net.load_state_dict(state)
+        if arch == "alexnet":
+            self.net.classifier[6] = nn.Linear(self.net.classifier[6].in_features, num_classes)
+        elif arch == "googlenet":
+            self.net.fc = nn.Linear(self.net.fc.in_features, num_classes)
+        else:
+            raise ValueError(f"no head replacement known for torchvision model {arch!r}")
+        self.cam_path = f"net.{cam_layer}"
+        self.get_submodule(self.cam_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

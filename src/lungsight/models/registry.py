@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from lungsight.errors import ModelError, WeightsUnavailableError
-from lungsight.models.architectures import FPNClassifier, TimmClassifier, VGG16Head
+from lungsight.models.architectures import FPNClassifier, TimmClassifier, TorchvisionClassifier, VGG16Head
 from lungsight.models.covidnet import CovidNet
 from lungsight.models.weights import load_state_dict
 
@@ -101,6 +101,15 @@ def _timm(arch: str, cam_layer: str, drop_rate: float = 0.0) -> Callable[..., nn
             drop_rate,
             pretrained=imagenet,
             weights_file=str(weights_file) if weights_file else None,
+        )
+
+    return build
+
+
+def _torchvision(arch: str, cam_layer: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, input_size: int, in_chans: int, imagenet: bool, weights_file: Path | None):
+        return TorchvisionClassifier(
+            arch, cam_layer, num_classes, pretrained=imagenet, weights_file=str(weights_file) if weights_file else None
         )
 
     return build
@@ -196,6 +205,14 @@ register(ModelSpec("vgg19", "VGG19 comparison model", "000", 224, defaults=_PAPE
 register(
     ModelSpec("inception-v3", "InceptionV3 comparison model", "000", 299, defaults=_PAPER_000),
     _timm("inception_v3", "Mixed_7c"),
+)
+register(
+    ModelSpec("alexnet", "AlexNet comparison model (torchvision)", "000", 224, defaults=_PAPER_000),
+    _torchvision("alexnet", "features.11"),
+)
+register(
+    ModelSpec("googlenet", "GoogLeNet (Inception v1) comparison model (torchvision)", "001", 224, defaults=_PAPER_001),
+    _torchvision("googlenet", "inception5b"),
 )
 register(
     ModelSpec("densenet121", "DenseNet121 comparison model", "SPEC", 224, defaults=_PAPER_000),
