@@ -60,7 +60,7 @@ def predict_xray(det: Detector, study: Study, *, explain: bool = True) -> Predic
         )
     if study.n_slices != 1:
         raise InputContractError(f"{study.n_slices} images were given; the X-ray model reads one X-ray at a time")
-    view = check_xr_contract(study, "input")
+    view = check_xr_contract(study, "")  # the caller (CLI, service) names the file
     t0 = time.perf_counter()
     segmenter = _segmenter(c.get("segmenter"))
     prepared = prepare_xray(to_unit(study.pixels[0], study.intensity), c["scheme"], segmenter, c["prep_size"])

@@ -97,10 +97,16 @@ CT_REFUSE_P = 0.9
 _ONLY_FRONTAL = "only frontal (PA/AP) views can be classified"
 
 
+def _where(source: str) -> str:
+    """``"source: "`` to start a message, or nothing when the caller names the input itself."""
+    return f"{source}: " if source else ""
+
+
 def check_xr_contract(study: Study, source: str) -> ViewResult:
     """Check that ``study`` is one frontal chest X-ray; return how its view was known.
 
-    Refused with :class:`~lungsight.errors.InputContractError` (``source`` names the input): a study that is
+    Refused with :class:`~lungsight.errors.InputContractError` (``source`` names the input; empty when the caller
+    adds the file name itself): a study that is
     not an X-ray or holds more than one image; a nearly constant image; a lateral or oblique view, from the DICOM
     ViewPosition (LL, RL, ... -> lateral, without running the classifier) or, when the header does not state it,
     from the view classifier; an image the classifier takes for a CT slice with p >= :data:`CT_REFUSE_P`. A
@@ -108,10 +114,12 @@ def check_xr_contract(study: Study, source: str) -> ViewResult:
     the classifier.
     """
     if study.modality != "XR":
-        raise InputContractError(f"{source}: this is a CT (Modality {study.modality}), the X-ray model cannot read it")
+        raise InputContractError(
+            f"{_where(source)}this is a CT (Modality {study.modality}), the X-ray model cannot read it"
+        )
     if study.n_slices != 1:
         raise InputContractError(
-            f"{source}: an X-ray study is one image, this one has {study.n_slices}; pass one radiograph at a time"
+            f"{_where(source)}an X-ray study is one image, this one has {study.n_slices}; pass one radiograph at a time"
         )
     from lungsight.preprocess.window import to_unit
 
@@ -119,7 +127,7 @@ def check_xr_contract(study: Study, source: str) -> ViewResult:
     std = 255.0 * float(image01.std())
     if std < MIN_GREY8_STD:
         raise InputContractError(
-            f"{source}: the image is nearly constant (standard deviation {std:.2f} grey levels); "
+            f"{_where(source)}the image is nearly constant (standard deviation {std:.2f} grey levels); "
             "it holds no readable anatomy"
         )
     from lungsight.inference.view import ViewResult, classify_view
@@ -127,11 +135,11 @@ def check_xr_contract(study: Study, source: str) -> ViewResult:
     position = " ".join(str(study.metadata.get("ViewPosition") or "").upper().split())[:16]
     if position in LATERAL_VIEW_POSITIONS:
         raise InputContractError(
-            f"{source}: this is a lateral chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
+            f"{_where(source)}this is a lateral chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
         )
     if position in OBLIQUE_VIEW_POSITIONS:
         raise InputContractError(
-            f"{source}: this is an oblique chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
+            f"{_where(source)}this is an oblique chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
         )
     if _FRONTAL_VIEW_POSITION.match(position):
         return ViewResult("frontal", {}, "metadata", f"ViewPosition {position} in the DICOM header")
@@ -140,12 +148,12 @@ def check_xr_contract(study: Study, source: str) -> ViewResult:
     p = view.probabilities
     if p["ct"] >= CT_REFUSE_P:
         raise InputContractError(
-            f"{source}: this does not look like a chest X-ray but like a CT slice (view classifier, "
+            f"{_where(source)}this does not look like a chest X-ray but like a CT slice (view classifier, "
             f"p={p['ct']:.2f}); pass it as a CT (modality CT) or check the file"
         )
     if p["lateral"] > p["frontal"]:
         raise InputContractError(
-            f"{source}: this is a lateral chest X-ray (lateral by the view classifier, p={p['lateral']:.2f}); "
+            f"{_where(source)}this is a lateral chest X-ray (lateral by the view classifier, p={p['lateral']:.2f}); "
             f"{_ONLY_FRONTAL}"
         )
     if view.kind == "ct":
