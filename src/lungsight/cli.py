@@ -227,6 +227,27 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", type=Path, required=True, help="folder for lung_mask.png, lung_overlay.png, .json")
     sa.add_argument("--model", default="classical", help="'classical' (default) or a lung U-Net .safetensors file")
 
+    p = sub.add_parser("experiment", help="the papers' recipes: run them, then one report (docs/bench.md)")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    er = esub.add_parser("run", help="train every entry of a recipe (cached and resumable per run folder)")
+    er.add_argument("recipe", help="recipe YAML, or a bundled one: recipes/paper-000.yaml or paper-000")
+    er.add_argument("--data", type=Path, required=True, help="root holding the recipe's datasets (covid-ct/ ...)")
+    er.add_argument("--out", type=Path, required=True, help="bench folder; runs go to OUT/<recipe>/<entry>/")
+    er.add_argument("--quick", action="store_true", help="2 folds, 1 epoch, small inputs, few patients")
+    er.add_argument("--only", nargs="+", metavar="ENTRY", help="run only these entries of the recipe")
+    er.add_argument("--threads", type=int, default=1, help="torch threads (default 1: spin-waiting on busy cores)")
+    ep = esub.add_parser("report", help="report.html and report.md from a bench folder, without retraining")
+    ep.add_argument("bench", type=Path, help="bench folder written by 'experiment run'")
+    ep.add_argument("--out", type=Path, help="HTML report (default BENCH/report.html; report.md beside it)")
+    ep.add_argument(
+        "--extra",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of 'lungsight speed', 'segment train' or a calibrated run to include (repeatable)",
+    )
+    esub.add_parser("list", help="the bundled recipes")
+
     p = sub.add_parser("serve", help="web page and JSON API (see docs/service.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -497,6 +518,32 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from lungsight.experiments import bundled_recipes, load_recipe, run_recipe, write_report
+
+    if args.experiment_command == "list":
+        for path in bundled_recipes():
+            r = load_recipe(path)
+            print(f"{r.name}: {r.title} [{r.task}, {', '.join(e.name for e in r.entries)}]")
+        return 0
+    if args.experiment_command == "run":
+        result = run_recipe(
+            args.recipe,
+            args.data,
+            args.out,
+            quick=args.quick,
+            threads=args.threads,
+            only=args.only,
+            command=" ".join(["lungsight", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else None,
+        )
+        name = result["recipe"]["name"]
+        print(f"{name}: {len(result['runs'])} runs, listed in {args.out / name / 'recipe.json'}")
+        return 0
+    found = write_report(args.bench, args.out or args.bench / "report.html", extra=args.extra)
+    print(f"report of {found['runs']} runs ({', '.join(found['recipes'])}): {found['html']} and {found['markdown']}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import os
 
@@ -538,6 +585,7 @@ COMMANDS = {
     "bench": _bench,
     "speed": _speed,
     "segment": _segment,
+    "experiment": _experiment,
     "serve": _serve,
 }
 
