@@ -49,7 +49,6 @@ Run folder (``out``)::
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -84,6 +83,7 @@ from lungsight.models.weights import atomic_torch_save, read_checkpoint
 from lungsight.preprocess.ct_lungs import derive_lung_mask_hu
 from lungsight.preprocess.lung_fields import resize_mask
 from lungsight.preprocess.window import to_unit
+from lungsight.train.runs import prepare_run_folder
 
 LAYOUTS = ("auto", "montgomery", "shenzhen", "jsrt", "pairs", "nifti")
 TARGETS = ("lung", "infection")
@@ -393,22 +393,7 @@ _RESUME_KEYS = (
 
 def _prepare_run(cfg: SegTrainConfig, resume: bool) -> Path:
     """Create the run folder; refuse a non-empty one unless resuming with the same settings."""
-    out = Path(cfg.out)
-    run_json = out / "run.json"
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue it or a new --out")
-        if not run_json.exists():
-            raise InputError(f"{out}: not a lungsight run folder (no run.json); refusing to write into it")
-        previous = json.loads(run_json.read_text())
-        now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as they were saved
-        changed = [k for k in _RESUME_KEYS if previous.get(k) != now.get(k)]
-        if changed:
-            raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_json, asdict(cfg))
-    return out
+    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, _RESUME_KEYS)
 
 
 def _load_all(pairs: list[Pair], size: int) -> tuple[torch.Tensor, torch.Tensor]:
