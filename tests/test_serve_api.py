@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -430,3 +431,22 @@ def test_page_static_files_and_openapi(client: TestClient) -> None:
     assert "file" in body["multipart/form-data"]["schema"]["properties"]
     assert {f"{API}/studies/{{job_id}}", f"{API}/studies/{{job_id}}/overlays/{{name}}"} <= set(spec["paths"])
     assert client.get(f"{API}/health").json()["status"] == "ok"
+
+
+def test_a_plain_xray_image_is_routed_to_cxr_default_with_its_evidence(tmp_path: Path, shared_data: Path) -> None:
+    """No modality given: the view classifier routes the PNG/JPEG, the bundled X-ray model answers, and the
+    evidence-in-lung share and overlay come back; a lateral one is refused with a 422."""
+    pool = ModelPool()
+    with serving(tmp_path / "data", pool) as client:
+        r = post(client, _frontal_xray(shared_data), wait=True)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["modality"] == "XR" and body["model"] == "cxr-default"
+        evidence = body["result"]["evidence"]
+        assert 0.0 <= evidence["lung_share"] <= 1.0 and evidence["flagged"] == (evidence["lung_share"] < 0.5)
+        overlay = body["result"]["overlays"][0]["file"].split("/")[-1]
+        assert client.get(f"{API}/studies/{body['id']}/overlays/{overlay}").status_code == 200
+        with open(shared_data / "cxr-cohen" / "metadata.csv", newline="") as f:
+            lateral = next(row["file"] for row in csv.DictReader(f) if row["view"] == "L")
+        r = post(client, shared_data / "cxr-cohen" / "images" / lateral, wait=True)
+        assert r.status_code == 422 and "lateral" in r.json()["detail"]
