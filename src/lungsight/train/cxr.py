@@ -141,10 +141,11 @@ class XrayFoldTrainer(FoldTrainer):
 
 def evidence_shares(
     model: nn.Module, ds: XrayDataset, predicted: np.ndarray, batch: int = 16
-) -> list[tuple[float | None, float]]:
+) -> list[tuple[float | None, float, bool]]:
     """Per image of ``ds``: the share of the predicted class's Grad-CAM energy inside the (undilated) lung mask,
-    and the share of the frame the mask covers - what a map spread evenly over the image would score."""
-    shares: list[tuple[float | None, float]] = []
+    the share of the frame the mask covers - what a map spread evenly over the image would score - and whether
+    the mask was plausible."""
+    shares: list[tuple[float | None, float, bool]] = []
     model.eval()
     with GradCAM(model, model.cam_layer) as cam:
         for start in range(0, len(ds), batch):
@@ -152,9 +153,9 @@ def evidence_shares(
             x = torch.stack([ds[i][0] for i in idx])
             maps = cam(x, [int(predicted[i]) for i in idx])
             for k, i in enumerate(idx):
-                _, mask, _ = load_prepared(ds.files[i])
+                _, mask, mask_ok = load_prepared(ds.files[i])
                 full = unfit_square(maps[k : k + 1], *mask.shape)[0]
-                shares.append((cam_energy_inside(full, mask), float(mask.mean())))
+                shares.append((cam_energy_inside(full, mask), float(mask.mean()), mask_ok))
     return shares
 
 
@@ -175,8 +176,7 @@ def _rows(
     records: list[CxrRecord],
     idx: np.ndarray,
     probs: np.ndarray,
-    shares: list[tuple[float | None, float]],
-    mask_ok: list[bool],
+    shares: list[tuple[float | None, float, bool]],
     fold: int,
     classes: list[str],
 ) -> list[dict[str, Any]]:
@@ -190,7 +190,7 @@ def _rows(
             **{f"p_{c}": float(probs[j, k]) for k, c in enumerate(classes)},
             "lung_share": "" if shares[j][0] is None else float(shares[j][0]),
             "lung_area": shares[j][1],
-            "mask_ok": int(mask_ok[j]),
+            "mask_ok": int(shares[j][2]),
             **{key: getattr(records[i], key) or "unknown" for key in ("sex", "view", "source")},
             "sensor": sensor_hint(records[i].path.name),
         }
@@ -258,8 +258,7 @@ def train_cxr(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         test_ds = trainer.make_ds(test_idx, "none")
         probs = predict_items(model, test_ds, cfg.batch_size, cfg.workers)
         shares = evidence_shares(model, test_ds, probs.argmax(axis=1))
-        ok = [load_prepared(f)[2] for f in test_ds.files]
-        fold_rows = _rows(records, test_idx, probs, shares, ok, k, classes)
+        fold_rows = _rows(records, test_idx, probs, shares, k, classes)
         feats = fold_features(model, test_ds)
         atomic_write(fold_dir / "features.npy", lambda tmp, a=feats: _save_npy(tmp, a))
         atomic_write_csv(fold_dir / "predictions.csv", fold_rows)
