@@ -133,10 +133,15 @@ def test_interrupted_run_resumes(tmp_path, shared_data):
     run = bench / "tiny" / "r18"
     for name in ("cv_metrics.json", "calibration.json"):
         (run / name).unlink()
+    assert (run / "fold_1" / "best.safetensors").is_file() and not list(run.glob("fold_*/state.pt"))
     (run / "fold_2" / "done.json").unlink()  # as if killed during fold 2
-    result = run_recipe(recipe, shared_data, bench, quick=True)
+    result = run_recipe(recipe, shared_data, bench, quick=True, keep_weights=False)
     assert result["runs"]["r18"]["status"] == "resumed"
     assert (run / "cv_metrics.json").is_file()
+    # --no-weights: the finished entry keeps its predictions and metrics, not its fold models
+    assert result["runs"]["r18"]["weights"].startswith("deleted") and not list(run.rglob("*.safetensors"))
+    assert "--no-weights" in result["command"]
+    assert write_report(bench, bench / "report.html")["runs"] == 1
 
 
 def test_report_refuses_an_empty_bench(tmp_path):

@@ -236,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
     er.add_argument("--quick", action="store_true", help="2 folds, 1 epoch, small inputs, few patients")
     er.add_argument("--only", nargs="+", metavar="ENTRY", help="run only these entries of the recipe")
     er.add_argument("--threads", type=int, default=1, help="torch threads (default 1: spin-waiting on busy cores)")
+    er.add_argument(
+        "--no-weights",
+        dest="keep_weights",
+        action="store_false",
+        help="delete each finished entry's fold models (the report needs only predictions; saves disk)",
+    )
     ep = esub.add_parser("report", help="report.html and report.md from a bench folder, without retraining")
     ep.add_argument("bench", type=Path, help="bench folder written by 'experiment run'")
     ep.add_argument("--out", type=Path, help="HTML report (default BENCH/report.html; report.md beside it)")
@@ -534,6 +540,7 @@ def _experiment(args: argparse.Namespace) -> int:
             quick=args.quick,
             threads=args.threads,
             only=args.only,
+            keep_weights=args.keep_weights,
             command=" ".join(["lungsight", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else None,
         )
         name = result["recipe"]["name"]

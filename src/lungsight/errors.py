@@ -27,6 +27,12 @@ class InputContractError(LungsightError):
     """The pixel values or modality are not what the model expects (e.g. 8-bit display values given as HU)."""
 
 
+class OutputError(LungsightError):
+    """A result, checkpoint or model cannot be written (disk full, no permission, ...)."""
+
+    exit_code = 4
+
+
 class ModelError(LungsightError):
     """A model or weights file cannot be found, verified or loaded."""
 

@@ -7,10 +7,13 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from lungsight.errors import OutputError
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
@@ -23,10 +26,23 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # after writing (a writer may recreate the file): mkstemp's 0600 hides results
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError("unexpected pos ...")
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: could not write ({_why(exc, path.parent)}); nothing was replaced") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _why(exc: BaseException, folder: Path) -> str:
+    """The failure in words, with the free space on the disk of ``folder`` (a full disk is the usual cause)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+    try:
+        free = shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return reason
+    return f"{reason}; {free:,.0f} MiB free on that disk"
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

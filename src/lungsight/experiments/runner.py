@@ -4,7 +4,8 @@
 ``cv_metrics.json`` is finished and reused as is; a folder without it is continued with ``resume=True`` (the
 trainer refuses if its settings differ). CT entries are then temperature-scaled (``calibration.json`` and the
 reliability diagram, :func:`lungsight.evaluate.calibration.calibrate_run`). ``BENCH/<recipe>/recipe.json`` holds
-the resolved recipe, the profile, and for each entry the equivalent ``lungsight train`` command.
+the resolved recipe, the profile, and for each entry the equivalent ``lungsight train`` command. With
+``keep_weights=False`` each finished entry's fold models are deleted: the report reads only predictions and metrics.
 """
 
 from __future__ import annotations
@@ -77,7 +78,15 @@ def _config(recipe: Recipe, entry: Entry, s: dict[str, Any], data: Path, out: Pa
 
 
 def run_entry(
-    recipe: Recipe, entry: Entry, data: Path, bench: Path, *, quick: bool, threads: int, command: str
+    recipe: Recipe,
+    entry: Entry,
+    data: Path,
+    bench: Path,
+    *,
+    quick: bool,
+    threads: int,
+    command: str,
+    keep_weights: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) one entry; returns its record for ``recipe.json``."""
     out = bench / recipe.name / entry.name
@@ -98,6 +107,11 @@ def run_entry(
         from lungsight.evaluate.calibration import calibrate_run
 
         calibrate_run(out)
+    if not keep_weights:
+        dropped = [f for f in out.glob("fold_*/best.safetensors") if (f.parent / "done.json").is_file()]
+        for f in dropped:
+            f.unlink()
+        record["weights"] = "deleted (--no-weights)"
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
 
@@ -111,6 +125,7 @@ def run_recipe(
     threads: int = 1,
     only: list[str] | None = None,
     command: str | None = None,
+    keep_weights: bool = True,
 ) -> dict[str, Any]:
     """Run every entry of a recipe (or the ``only`` ones) into ``bench``; write and return ``recipe.json``."""
     recipe = load_recipe(recipe_path)
@@ -127,6 +142,7 @@ def run_recipe(
     command = command or shlex.join(
         ["lungsight", "experiment", "run", str(recipe_path), "--data", str(data), "--out", str(bench)]
         + (["--quick"] if quick else [])
+        + ([] if keep_weights else ["--no-weights"])
     )
     folder = bench / recipe.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +158,7 @@ def run_recipe(
     }
     for entry in entries:
         result["runs"][entry.name] = run_entry(
-            recipe, entry, data, bench, quick=quick, threads=threads, command=command
+            recipe, entry, data, bench, quick=quick, threads=threads, command=command, keep_weights=keep_weights
         )
         atomic_write_json(path, result)  # after every entry, so an interrupted bench still lists what finished
     atomic_write_json(path, result)

@@ -65,20 +65,20 @@ def list_models() -> list[ModelEntry]:
 def _download(entry: ModelEntry) -> None:
     if not entry.url:
         raise ModelError(f"model {entry.name!r}: file {entry.path} is missing and no download URL is recorded")
-    try:
 
-        def fetch(tmp: Path) -> None:
+    def fetch(tmp: Path) -> None:
+        try:
             with urllib.request.urlopen(entry.url, timeout=60) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
-            if entry.sha256 and sha256_file(tmp) != entry.sha256:
-                raise ModelError(f"model {entry.name!r}: downloaded file does not match the recorded SHA-256")
+        except OSError as exc:  # URLError, timeouts and refused connections are OSErrors
+            raise ModelError(
+                f"model {entry.name!r}: download failed ({exc}); this machine may be offline - fetch "
+                f"the file elsewhere and add it with 'lungsight models import {entry.name} FILE'"
+            ) from exc
+        if entry.sha256 and sha256_file(tmp) != entry.sha256:
+            raise ModelError(f"model {entry.name!r}: downloaded file does not match the recorded SHA-256")
 
-        atomic_write(entry.path, fetch)
-    except OSError as exc:
-        raise ModelError(
-            f"model {entry.name!r}: download failed ({exc}); this machine may be offline - fetch "
-            f"the file elsewhere and add it with 'lungsight models import {entry.name} FILE'"
-        ) from exc
+    atomic_write(entry.path, fetch)
 
 
 def resolve(name_or_path: str | Path) -> ModelEntry:

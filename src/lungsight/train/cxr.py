@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lungsight.errors import InputError
 from lungsight.explain.gradcam import GradCAM, cam_energy_inside
-from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json, atomic_write_text
+from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_text
 from lungsight.models.registry import build_model
 from lungsight.models.weights import save_checkpoint
 from lungsight.preprocess.transforms import unfit_square
@@ -37,7 +37,15 @@ from lungsight.preprocess.window import to_unit
 from lungsight.train.cxr_data import CXR_CLASSES, CxrRecord, read_cxr_datasets, sensor_hint
 from lungsight.train.data import SliceDataset
 from lungsight.train.splits import patient_folds, validation_split
-from lungsight.train.trainer import FoldTrainer, TrainConfig, _subset_patients, model_config, predict_items, prepare_run
+from lungsight.train.trainer import (
+    FoldTrainer,
+    TrainConfig,
+    _subset_patients,
+    finish_fold,
+    model_config,
+    predict_items,
+    prepare_run,
+)
 
 #: Side of the square every scheme's output is cached at (the model input is resized from it).
 PREP_SIZE = 256
@@ -262,7 +270,7 @@ def train_cxr(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         feats = fold_features(model, test_ds)
         atomic_write(fold_dir / "features.npy", lambda tmp, a=feats: _save_npy(tmp, a))
         atomic_write_csv(fold_dir / "predictions.csv", fold_rows)
-        atomic_write_json(fold_dir / "done.json", {"fold": k, "n_test": len(test_idx)})
+        finish_fold(fold_dir, {"fold": k, "n_test": len(test_idx)})
         rows += fold_rows
         features.append(feats)
     return write_cxr_cv_report(out, rows, classes, cfg, np.concatenate(features))

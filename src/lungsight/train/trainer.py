@@ -4,9 +4,9 @@ Run folder layout (``--out``)::
 
     run.json                 the configuration and the command line
     holdout.csv              (``holdout > 0`` only) patients kept out of every fold: data no fold model saw
-    fold_1/ ... fold_k/      state.pt (resumable state), best.safetensors, history.csv, predictions.csv,
-                             val_predictions.csv (the selected model on its validation split, for calibration),
-                             metrics.json, done.json (written last: the fold is complete)
+    fold_1/ ... fold_k/      state.pt (resumable state, deleted once the fold is complete), best.safetensors,
+                             history.csv, predictions.csv, val_predictions.csv (the selected model on its
+                             validation split, for calibration), metrics.json, done.json (the fold is complete)
     cv_predictions.csv       out-of-fold slice probabilities of every image
     cv_metrics.json          per-fold and mean +/- sd metrics, slice and patient level, every decision rule
     cv_table.md, roc.png, confusion.png
@@ -267,6 +267,16 @@ class FoldTrainer:
         return model
 
 
+def finish_fold(fold_dir: Path, record: dict[str, Any]) -> None:
+    """Mark a fold complete (``done.json``) and delete its resumable state, which is no longer needed.
+
+    The state holds the weights and the optimiser's moments (two to four times the model's size): kept for every
+    fold of every run of a bench it fills a disk. ``best.safetensors`` stays.
+    """
+    atomic_write_json(fold_dir / "done.json", record)
+    (fold_dir / "state.pt").unlink(missing_ok=True)
+
+
 def _write_predictions(
     path: Path, items: list[Item], idx: np.ndarray, probs: np.ndarray, fold: int, classes: list[str]
 ) -> list[dict[str, Any]]:
@@ -395,7 +405,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         val_probs = predict_items(model, trainer.make_ds(va, "none"), cfg.batch_size, cfg.workers)
         _write_predictions(fold_dir / "val_predictions.csv", items, va, val_probs, k, classes)
         all_rows += rows
-        atomic_write_json(done, {"fold": k, "n_test": len(test_idx)})
+        finish_fold(fold_dir, {"fold": k, "n_test": len(test_idx)})
     from lungsight.train.report import write_cv_report
 
     return write_cv_report(out, all_rows, classes, cfg)

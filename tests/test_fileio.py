@@ -1,0 +1,46 @@
+"""Atomic writes: a failed write leaves the previous file intact and says why in one line."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from lungsight.errors import OutputError
+from lungsight.fileio import atomic_write, atomic_write_text
+
+
+def _fails_with(exc: BaseException):
+    def write(tmp):
+        tmp.write_bytes(b"half a checkpoint")
+        raise exc
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+        # what torch.save raises when the disk fills during a checkpoint
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 198777728 vs 198777616"),
+            "unexpected pos",
+        ),
+    ],
+)
+def test_a_failed_write_names_the_file_keeps_the_old_one_and_leaves_no_temp(tmp_path, exc, reason):
+    target = atomic_write_text(tmp_path / "state.pt", "previous")
+    with pytest.raises(OutputError) as info:
+        atomic_write(target, _fails_with(exc))
+    message = str(info.value)
+    assert str(target) in message and reason in message and "MiB free on that disk" in message
+    assert "\n" not in message
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_an_interrupt_is_not_turned_into_an_output_error(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "x", _fails_with(KeyboardInterrupt()))
+    assert not list(tmp_path.iterdir())
