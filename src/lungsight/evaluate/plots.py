@@ -24,10 +24,8 @@ FIGSIZE = (5.0, 4.0)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI, bbox_inches="tight")
-    return out
+    """Write the PNG through :func:`lungsight.fileio.atomic_write` (temporary file, then rename)."""
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
 
 
 def plot_roc(
@@ -219,11 +217,6 @@ def plot_slice_probabilities(
 # ---------------------------------------------------------------- multi-class, bias audit and embedding pictures
 
 
-def _save_atomic(fig: Figure, path: str | Path) -> Path:
-    """Write the PNG through :func:`lungsight.fileio.atomic_write` (temporary file, then rename)."""
-    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
-
-
 def plot_multiclass_roc(
     y_true: ArrayLike,
     probs: ArrayLike,
@@ -268,7 +261,7 @@ def plot_multiclass_roc(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    return _save_atomic(fig, path)
+    return _save(fig, path)
 
 
 def plot_group_metrics(
@@ -334,7 +327,7 @@ def plot_group_metrics(
     ax_rec.grid(axis="y", alpha=0.3)
     ax_rec.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.suptitle(title)
-    return _save_atomic(fig, path)
+    return _save(fig, path)
 
 
 _MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
@@ -382,7 +375,7 @@ def plot_embedding(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
-    return _save_atomic(fig, path)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- calibration and ensemble uncertainty pictures
@@ -418,7 +411,7 @@ def plot_reliability(
     ax_n.set_xlabel("mean confidence in bin")
     ax_n.set_ylabel("cases")
     ax_n.grid(alpha=0.3)
-    return _save_atomic(fig, path)
+    return _save(fig, path)
 
 
 def plot_uncertainty(
@@ -445,4 +438,4 @@ def plot_uncertainty(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save_atomic(fig, path)
+    return _save(fig, path)
