@@ -44,3 +44,18 @@ def test_an_interrupt_is_not_turned_into_an_output_error(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "x", _fails_with(KeyboardInterrupt()))
     assert not list(tmp_path.iterdir())
+
+
+def test_an_output_folder_that_is_a_file_is_refused_without_touching_it(tmp_path, capsys):
+    from lungsight.cli import main
+    from lungsight.examples import EXAMPLE_CT
+
+    taken = atomic_write_text(tmp_path / "notes.txt", "the user's notes")
+    assert main(["predict", str(EXAMPLE_CT), "--out", str(taken)]) == OutputError.exit_code == 4
+    err = capsys.readouterr().err.strip()
+    assert err == f"lungsight: error: {taken}: exists and is not a folder; give a folder for the output"
+    assert main(["predict", str(EXAMPLE_CT), "--out", str(taken / "sub")]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lungsight: error: {taken / 'sub'}: cannot create the output folder") and "\n" not in err
+    assert taken.read_text() == "the user's notes"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

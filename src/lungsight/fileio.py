@@ -16,11 +16,26 @@ from typing import Any
 from lungsight.errors import OutputError
 
 
+def ensure_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` (and its parents) if needed; a path that cannot be a folder is one clear error."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{folder}: exists and is not a folder; give a folder for the output") from None
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+    return folder
+
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path`` and rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: could not write ({_why(exc, path.parent)})") from None
     os.close(fd)
     try:
         write(Path(tmp))

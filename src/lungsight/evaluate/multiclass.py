@@ -29,7 +29,7 @@ from lungsight.evaluate.metrics import (
     summarize_folds,
 )
 from lungsight.evaluate.plots import plot_confusion, plot_embedding, plot_multiclass_roc
-from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json
+from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json, ensure_dir
 
 #: Whole-model metrics, in the order paper 004's Table IV reports them (plus the macro means).
 OVERALL_METRICS: tuple[str, ...] = (
@@ -389,7 +389,7 @@ def write_multiclass_evaluation(
             raise ValueError(f"embeddings must have shape ({n}, d), got {feats.shape}")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     m = multiclass_metrics(y, p, names)
     ci = multiclass_bootstrap_ci(y, p, patients, names, OVERALL_METRICS, n_boot=n_boot, seed=seed)
     ci["method"] = f"percentile bootstrap, {n_boot} resamples of patients"

@@ -11,7 +11,7 @@ import numpy as np
 
 from lungsight.evaluate.metrics import METRICS, PatientScores, binary_metrics, bootstrap_ci, patient_scores
 from lungsight.evaluate.plots import plot_confusion, plot_roc
-from lungsight.fileio import atomic_write_json
+from lungsight.fileio import atomic_write_json, ensure_dir
 from lungsight.inference.rules import RULES
 
 
@@ -81,7 +81,7 @@ def write_evaluation(
     """Compute :func:`slice_and_patient_metrics` and write ``metrics_name``, ``roc.png``, ``confusion.png`` and
     ``confusion_patient.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     kw = {"slice_threshold": slice_threshold}
     m, scores = _evaluate(patient_ids, y, p, rule, kw, n_boot, seed=0)
     m |= extra or {}

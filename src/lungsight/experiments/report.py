@@ -21,7 +21,7 @@ from typing import Any
 from lungsight.errors import InputError
 from lungsight.evaluate.metrics import summarize_folds
 from lungsight.evaluate.summary import slice_and_patient_metrics
-from lungsight.fileio import atomic_write_text
+from lungsight.fileio import atomic_write_text, ensure_dir
 
 CT_COLUMNS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 CXR_COLUMNS = ("accuracy", "balanced_accuracy", "macro_auc", "macro_f1")
@@ -391,7 +391,7 @@ def write_report(bench: str | Path, out: str | Path, extra: list[str | Path] | N
     for sec in sections:
         _recipe_doc(doc, sec, out.parent)
     _extras_doc(doc, extras, out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out.parent)
     atomic_write_text(out.with_suffix(".md"), "\n".join(doc.md))
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>lungsight research bench</title>'

@@ -17,7 +17,7 @@ from typing import Any
 
 from lungsight.errors import InputError
 from lungsight.experiments.recipe import QUICK_PROFILE, Entry, Recipe, load_recipe
-from lungsight.fileio import atomic_write_json
+from lungsight.fileio import atomic_write_json, ensure_dir
 from lungsight.train import TrainConfig, train
 
 _FLAGS = {
@@ -145,7 +145,7 @@ def run_recipe(
         + ([] if keep_weights else ["--no-weights"])
     )
     folder = bench / recipe.name
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_dir(folder)
     path = folder / "recipe.json"
     previous = _read_json(path).get("runs", {}) if path.is_file() else {}
     result = {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lungsight.evaluate.plots import plot_slice_probabilities
 from lungsight.explain.overlay import save_overlay
-from lungsight.fileio import atomic_write_json
+from lungsight.fileio import atomic_write_json, ensure_dir
 from lungsight.report.html import write_report
 
 DISPLAY_MIN = 256
@@ -45,7 +45,7 @@ def _display_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     """Write every output of ``pred`` into ``out_dir``; returns the path of report.html."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     result = pred.result
     overlays = []
     xray = "slice_probabilities" not in result

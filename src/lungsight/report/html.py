@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lungsight.about import DISCLAIMER, __version__
-from lungsight.fileio import atomic_write_text
+from lungsight.fileio import atomic_write_text, ensure_dir
 
 REPORT_NAME = "report.html"
 
@@ -451,6 +451,6 @@ def write_report(result: dict, out_dir: Path, *, figures: dict[str, Path] | None
     ``figures`` maps a caption to a PNG (or JPEG) file to embed, e.g. the slice-probability plot.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir)
     text = render_report(result, out_dir, figures=figures)
     return atomic_write_text(out_dir / REPORT_NAME, text)

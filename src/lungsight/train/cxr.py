@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lungsight.errors import InputError
 from lungsight.explain.gradcam import GradCAM, cam_energy_inside
-from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_text
+from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_text, ensure_dir
 from lungsight.models.registry import build_model
 from lungsight.models.weights import save_checkpoint
 from lungsight.preprocess.transforms import unfit_square
@@ -73,7 +73,7 @@ def prepare_cache(records: list[CxrRecord], scheme: str, segmenter: str | None, 
     from lungsight.preprocess.lung_fields import load_segmenter
     from lungsight.preprocess.xray import prepare_xray
 
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_dir(folder)
     seg = load_segmenter(segmenter)
     files, fallbacks = [], 0
     for r in tqdm(records, desc=f"preparing X-rays ({scheme})", disable=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lungsight.errors import InputError
-from lungsight.fileio import atomic_write_json
+from lungsight.fileio import atomic_write_json, ensure_dir
 
 
 def prepare_run_folder(
@@ -35,6 +35,6 @@ def prepare_run_folder(
         if changed:
             raise InputError(f"{out}: --resume with different settings ({', '.join(changed)}); use a new --out")
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     atomic_write_json(run_json, now)
     return out

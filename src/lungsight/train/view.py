@@ -32,7 +32,7 @@ from torch import nn
 
 from lungsight.about import __version__
 from lungsight.errors import InputError
-from lungsight.fileio import atomic_write_csv, atomic_write_json
+from lungsight.fileio import atomic_write_csv, atomic_write_json, ensure_dir
 from lungsight.io import load_study
 from lungsight.models.registry import build_model, get_spec
 from lungsight.models.view import VIEW_CLASSES
@@ -194,7 +194,7 @@ def _run(cfg: ViewTrainConfig) -> dict[str, Any]:
     if cfg.folds == 1 or cfg.folds < 0:
         raise InputError(f"--folds must be 0 (final fit only) or at least 2, not {cfg.folds}")
     items = view_items(Path(cfg.cohen), Path(cfg.ct))
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     atomic_write_json(out / "run.json", asdict(cfg))
     counts = {c: sum(it.label == c for it in items) for c in VIEW_CLASSES}
     n_patients = len({it.patient_id for it in items})
