@@ -450,3 +450,21 @@ def test_a_plain_xray_image_is_routed_to_cxr_default_with_its_evidence(tmp_path:
             lateral = next(row["file"] for row in csv.DictReader(f) if row["view"] == "L")
         r = post(client, shared_data / "cxr-cohen" / "images" / lateral, wait=True)
         assert r.status_code == 422 and "lateral" in r.json()["detail"]
+
+
+def test_an_xray_exam_upload_is_answered_for_its_frontal_view(tmp_path: Path, shared_data: Path) -> None:
+    """A PA and a lateral of one exam uploaded together (no modality): the X-ray model reads the PA, and the
+    result says the lateral was set aside."""
+    with open(shared_data / "cxr-cohen" / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    exams: dict[tuple[str, str], dict[str, str]] = {}
+    for row in rows:
+        exams.setdefault((row["patientid"], row["offset"]), {})[row["view"]] = row["file"]
+    pa, lateral = next((e["PA"], e["L"]) for e in exams.values() if "PA" in e and "L" in e)
+    images = shared_data / "cxr-cohen" / "images"
+    with serving(tmp_path / "data", ModelPool()) as client:
+        r = post(client, images / pa, images / lateral, wait=True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["modality"] == "XR" and body["model"] == "cxr-default"
+    assert any("is the frontal view of this exam" in w and "lateral" in w for w in body["result"]["warnings"])

@@ -1,9 +1,11 @@
 """Which model reads a study, and whether a plain image is a CT slice or an X-ray: one place for CLI and service.
 
-DICOM says its modality in the header. A NIfTI volume or a folder of images is a CT series. A single PNG, JPEG or
-TIFF says nothing: the user's ``modality`` decides; otherwise the model's own modality when a model is named;
+DICOM says its modality in the header. A NIfTI volume is a CT series. A PNG, JPEG or TIFF, or a folder or zip of
+them, says nothing: the user's ``modality`` decides; otherwise the model's own modality when a model is named;
 otherwise the view classifier (:func:`lungsight.inference.view.guess_image_modality`), which tells CT slices from
-radiographs. The default model is ``ct-default`` for CT and ``cxr-default`` for X-rays.
+radiographs. A folder of up to :data:`~lungsight.io.images.MAX_EXAM_IMAGES` images that are all radiographs is an
+X-ray exam (a PA and a lateral, say) and is read as its frontal view; one that mixes radiographs and CT slices is
+refused. The default model is ``ct-default`` for CT and ``cxr-default`` for X-rays.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from lungsight.errors import InputContractError
 from lungsight.study import Study
 
 DEFAULT_MODELS = {"CT": "ct-default", "XR": "cxr-default"}
@@ -48,13 +51,27 @@ def load_for_prediction(
 
 
 def settle_image_modality(study: Study, reread: Callable[[str], Study]) -> Study:
-    """A single plain image read without a stated modality (so, as CT): re-read it as an X-ray when the view
-    classifier says it is one. Any other study is returned as it is."""
-    if study.source_format != "image":
+    """Plain images read without a stated modality (so, as CT): re-read them as an X-ray when the view classifier
+    says they are radiographs. Any other study is returned as it is.
+
+    One image: its view decides. A folder or zip of up to ``MAX_EXAM_IMAGES`` images: all radiographs make an X-ray
+    exam (re-read as X-ray, which keeps its one frontal view); all CT slices stay a CT series; a mixture is refused
+    with the radiographs named. Larger folders are CT series and are not classified.
+    """
+    from lungsight.io.images import MAX_EXAM_IMAGES
+
+    if study.source_format not in ("image", "image-folder", "tiff-folder") or study.n_slices > MAX_EXAM_IMAGES:
         return study
     from lungsight.inference.view import guess_image_modality
     from lungsight.preprocess.window import to_unit
 
-    if guess_image_modality(to_unit(study.pixels[0], study.intensity)) == "XR":
+    kinds = [guess_image_modality(to_unit(plane, study.intensity)) for plane in study.pixels]
+    if all(k == "CT" for k in kinds):
+        return study
+    if all(k == "XR" for k in kinds):
         return reread("XR")
-    return study
+    radiographs = [label for label, k in zip(study.slice_labels, kinds, strict=True) if k == "XR"]
+    raise InputContractError(
+        f"{len(radiographs)} of these {study.n_slices} images look like X-rays to the view classifier "
+        f"({', '.join(radiographs)}) and the others like CT slices; pass one study, or state it with --modality"
+    )

@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.errors import InputContractError, InputError, UnsupportedInputError
 from lungsight.study import Study
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -200,6 +200,8 @@ def read_images(
     ``root`` is the folder the slice labels are relative to; ``modality`` is ``"CT"`` or ``"XR"``.
     """
     ordered = sorted(files, key=lambda p: [natural_key(part) for part in p.relative_to(root).parts])
+    if modality == "XR" and len(ordered) > 1:
+        return _frontal_of_exam(ordered, name, root, tiff_intercept=tiff_intercept, max_pixels=max_pixels)
     probes = [_probe(p, name(p), max_pixels) for p in ordered]
     first = probes[0]
     for probe in probes:
@@ -264,3 +266,53 @@ def read_images(
         metadata={"n_slices": len(labels)},
         warnings=notes,
     )
+
+
+#: An X-ray exam read from a folder or zip holds at most this many images (PA, lateral, a repeat ...).
+MAX_EXAM_IMAGES = 6
+
+
+def _frontal_of_exam(
+    files: Sequence[Path], name: NameFn, root: Path, *, tiff_intercept: float, max_pixels: int
+) -> Study:
+    """The one frontal X-ray of a folder or zip of X-ray images (an exam with a PA and a lateral, say).
+
+    Each image is read on its own (no resizing to a common size) and its view classified; the lateral ones are
+    set aside with a warning naming them. No frontal image, or more than one, is refused with the files named.
+    """
+    from lungsight.inference.view import classify_view
+    from lungsight.preprocess.window import to_unit
+
+    where = name(root).removesuffix("/.")
+    if len(files) > MAX_EXAM_IMAGES:
+        raise InputContractError(
+            f"{where}: {len(files)} images given as X-rays; an X-ray study is one frontal radiograph "
+            f"(a folder may hold one exam of up to {MAX_EXAM_IMAGES} views): pass one image"
+        )
+    views: dict[str, list[tuple[Path, Study]]] = {}
+    for path in files:
+        one = read_images([path], name, root, modality="XR", tiff_intercept=tiff_intercept, max_pixels=max_pixels)
+        views.setdefault(classify_view(to_unit(one.pixels[0], one.intensity)).kind, []).append((path, one))
+    frontal = views.get("frontal", [])
+    others = ", ".join(
+        f"{kind if kind != 'ct' else 'CT slice'}: {', '.join(name(p) for p, _ in found)}"
+        for kind, found in views.items()
+        if kind != "frontal"
+    )
+    if not frontal:
+        raise InputContractError(
+            f"{where}: none of the {len(files)} images is a frontal chest X-ray by the view classifier ({others}); "
+            "the X-ray model reads frontal (PA/AP) views only"
+        )
+    if len(frontal) > 1:
+        raise InputContractError(
+            f"{where}: {len(frontal)} frontal X-rays ({', '.join(name(p) for p, _ in frontal)}); "
+            "the X-ray model reads one at a time: pass one image"
+        )
+    path, study = frontal[0]
+    study.warnings.insert(
+        0,
+        f"{name(path)} is the frontal view of this exam and the one classified; set aside by the view "
+        f"classifier: {others}",
+    )
+    return study
