@@ -116,3 +116,22 @@ def test_cli_predicts_an_exam_folder_with_the_xray_model(exam, tmp_path, capsys)
     captured = capsys.readouterr()
     assert "is the frontal view of this exam" in captured.err
     assert "evidence in lungs" in captured.out and (out / "report.html").is_file()
+
+
+def test_a_dicom_exam_loads_its_frontal_series_whatever_the_uids(shared_data, tmp_path):
+    """Two one-image radiograph series (PA and lateral): the frontal one is loaded, never the lateral by chance of
+    the series UIDs' order."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    sources = sorted((shared_data / "ct-volume" / "dicom").iterdir())[:2]
+    for attempt in range(6):
+        folder = tmp_path / f"exam{attempt}"
+        folder.mkdir()
+        for src, view in zip(sources, ("PA", "LL") if attempt % 2 else ("LL", "PA"), strict=True):
+            ds = pydicom.dcmread(src)
+            ds.Modality, ds.ViewPosition, ds.SeriesInstanceUID = "DX", view, generate_uid()
+            ds.save_as(folder / f"{view}.dcm")
+        study = load_study(folder)
+        assert (study.modality, study.metadata["ViewPosition"]) == ("XR", "PA")
+        assert any("1 other series not loaded" in w for w in study.warnings)

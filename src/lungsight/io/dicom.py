@@ -63,6 +63,7 @@ class _Header:
     gantry_tilt: float
     pixel_spacing: tuple[float, float] | None
     thickness: float | None
+    view: str = ""
 
 
 @contextmanager
@@ -125,6 +126,7 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
+        view=" ".join(str(ds.get("ViewPosition", "") or "").upper().split())[:16],
     )
 
 
@@ -197,10 +199,13 @@ def _choose(groups: dict[str, list[_Header]], wanted: str | None, folder: str) -
         )
         raise InputError(f"{folder}: series_uid {key[:64]!r} not found; available series ids: {available}")
 
-    def rank(uid: str) -> tuple[bool, int, str]:
+    def rank(uid: str) -> tuple[bool, bool, int, str]:
+        # An axial CT series first, the largest of them; among radiographs (an X-ray exam with a PA and a
+        # lateral series, say) a frontal view first.
         headers = groups[uid]
         axial_ct = headers[0].modality == "CT" and _orientation(headers[0].iop) == "axial"
-        return (axial_ct, sum(h.frames for h in headers), series_id(uid))
+        frontal = headers[0].view.startswith(("PA", "AP"))
+        return (axial_ct, frontal, sum(h.frames for h in headers), series_id(uid))
 
     return max(groups, key=rank)
 
