@@ -1,7 +1,8 @@
-"""A hand-crafted baseline for the X-ray classifier: lung-field texture features and a logistic regression.
+"""A hand-crafted baseline for the classifiers: texture features and a logistic regression.
 
-A CNN trained from scratch on a few hundred X-rays has to beat something simpler to be worth its cost. This is that
-something: for each prepared X-ray (the same cache, scheme and lung mask the CNN trains on), 47 numbers -
+A CNN trained from scratch on a few hundred images has to beat something simpler to be worth its cost. This is that
+something: for each prepared X-ray (the same cache, scheme and lung mask the CNN trains on), or each CT slice (the
+whole slice as the "mask"), 47 numbers -
 
 * intensity inside the lung mask: mean, standard deviation, skewness, excess kurtosis and a 16-bin histogram;
 * uniform local binary patterns (8 neighbours, radius 1) inside the mask: a 10-bin histogram;
@@ -10,7 +11,8 @@ something: for each prepared X-ray (the same cache, scheme and lung mask the CNN
 * the share of the frame the lung mask covers -
 
 standardised, then a multinomial logistic regression (C = 0.1, classes weighted by inverse frequency), scored under
-the same patient-grouped folds as ``lungsight train --task cxr`` (:func:`lungsight.train.splits.patient_folds`).
+the same patient-grouped folds as ``lungsight train`` (:func:`lungsight.train.splits.patient_folds`).
+``scripts/texture_baseline.py`` runs it on a CT or X-ray dataset.
 """
 
 from __future__ import annotations

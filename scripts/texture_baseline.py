@@ -1,0 +1,85 @@
+"""The CNNs' hand-crafted yardstick under the same patient-grouped folds (``lungsight.evaluate.texture``).
+
+    # X-rays, three classes: prepared exactly as ``lungsight train --task cxr --scheme S`` prepares them
+    .venv/bin/python scripts/texture_baseline.py --task cxr --data ../shared/data/cxr-cohen \
+        --data ../shared/data/cxr-actualmed --scheme segmented --cache runs/cxr-cache --out runs/texture-cxr.json
+    # CT slices, covid vs non-covid: read and windowed as ``lungsight train`` reads them, whole slice, 256 px
+    .venv/bin/python scripts/texture_baseline.py --task ct --data ../shared/data/covid-ct --out runs/texture-ct.json
+
+The figures are printed and written to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lungsight.evaluate.texture import features_of_cache, texture_baseline_cv, texture_features
+from lungsight.fileio import atomic_write_json
+
+CT_SIZE = 256
+
+
+def _cxr(args: argparse.Namespace) -> dict:
+    from lungsight.train.cxr import prepare_cache
+    from lungsight.train.cxr_data import CXR_CLASSES, read_cxr_datasets
+
+    if args.cache is None:
+        raise SystemExit("--cache is required for --task cxr (the prepared X-rays go there)")
+    records, left_out = read_cxr_datasets(args.data)
+    files = prepare_cache(records, args.scheme, None, args.cache)
+    result = texture_baseline_cv(
+        features_of_cache(files), [r.label for r in records], records, CXR_CLASSES, folds=args.folds, seed=args.seed
+    )
+    return result | {"scheme": args.scheme, "left_out": len(left_out)}
+
+
+def _ct(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lungsight.train.data import class_names, load_unit, read_labels
+
+    if len(args.data) != 1:
+        raise SystemExit("--task ct takes one --data folder (labels.csv)")
+    items = read_labels(args.data[0])
+    features = []
+    for it in items:
+        unit = torch.from_numpy(load_unit(it.path))[None, None]
+        square = F.interpolate(unit, size=(CT_SIZE, CT_SIZE), mode="bilinear", antialias=True)[0, 0].numpy()
+        features.append(texture_features(square, np.ones(square.shape, bool)))
+    classes = class_names(items)
+    return texture_baseline_cv(
+        np.stack(features), [it.label for it in items], items, classes, folds=args.folds, seed=args.seed
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=("ct", "cxr"), required=True)
+    ap.add_argument("--data", type=Path, action="append", required=True, help="dataset folder (repeatable for cxr)")
+    ap.add_argument("--scheme", choices=("raw", "cropped", "segmented"), default="segmented", help="X-rays only")
+    ap.add_argument("--cache", type=Path, help="folder for the prepared X-rays (X-rays only)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="JSON file for the figures")
+    args = ap.parse_args()
+    result = _cxr(args) if args.task == "cxr" else _ct(args)
+    result.pop("probabilities")
+    result |= {"task": args.task, "data": [str(d) for d in args.data]}
+    print(
+        f"{args.task}{' ' + args.scheme if args.task == 'cxr' else ''}: macro AUC {result['macro_auc_mean']:.3f} ± "
+        f"{result['macro_auc_sd']:.3f} over {args.folds} folds, pooled {result['pooled_macro_auc']:.3f}; per class "
+        + ", ".join(f"{c} {a:.3f}" for c, a in result["pooled_auc_per_class"].items())
+    )
+    if args.out:
+        atomic_write_json(args.out, result)
+    else:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
