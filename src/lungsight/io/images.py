@@ -289,30 +289,34 @@ def _frontal_of_exam(
             f"{where}: {len(files)} images given as X-rays; an X-ray study is one frontal radiograph "
             f"(a folder may hold one exam of up to {MAX_EXAM_IMAGES} views): pass one image"
         )
-    views: dict[str, list[tuple[Path, Study]]] = {}
+    views: dict[str, list[Path]] = {}
+    kept: Study | None = None  # only the first frontal image stays in memory
     for path in files:
         one = read_images([path], name, root, modality="XR", tiff_intercept=tiff_intercept, max_pixels=max_pixels)
-        views.setdefault(classify_view(to_unit(one.pixels[0], one.intensity)).kind, []).append((path, one))
+        kind = classify_view(to_unit(one.pixels[0], one.intensity)).kind
+        views.setdefault(kind, []).append(path)
+        if kind == "frontal" and kept is None:
+            kept = one
     frontal = views.get("frontal", [])
     others = ", ".join(
-        f"{kind if kind != 'ct' else 'CT slice'}: {', '.join(name(p) for p, _ in found)}"
+        f"{kind if kind != 'ct' else 'CT slice'}: {', '.join(name(p) for p in found)}"
         for kind, found in views.items()
         if kind != "frontal"
     )
-    if not frontal:
+    if kept is None:
         raise InputContractError(
             f"{where}: none of the {len(files)} images is a frontal chest X-ray by the view classifier ({others}); "
             "the X-ray model reads frontal (PA/AP) views only"
         )
     if len(frontal) > 1:
         raise InputContractError(
-            f"{where}: {len(frontal)} frontal X-rays ({', '.join(name(p) for p, _ in frontal)}); "
+            f"{where}: {len(frontal)} frontal X-rays ({', '.join(name(p) for p in frontal)}); "
             "the X-ray model reads one at a time: pass one image"
         )
-    path, study = frontal[0]
+    study = kept
     study.warnings.insert(
         0,
-        f"{name(path)} is the frontal view of this exam and the one classified; set aside by the view "
+        f"{name(frontal[0])} is the frontal view of this exam and the one classified; set aside by the view "
         f"classifier: {others}",
     )
     return study
