@@ -30,8 +30,9 @@ def _grey(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
-def _png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG whose IHDR claims ``width`` x ``height`` but whose data is a few garbage bytes."""
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims ``width`` x ``height`` but whose data is a few garbage bytes (what a decompression
+    bomb looks like before decoding); the CLI and service tests use it too."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -125,7 +126,7 @@ def test_tiff_intercept_is_honoured(tmp_path: Path) -> None:
 
 def test_oversize_png_is_refused_without_decoding(tmp_path: Path) -> None:
     for side in (40000, 9000):
-        path = _png_header_only(tmp_path / f"big{side}.png", side, side)
+        path = png_header_only(tmp_path / f"big{side}.png", side, side)
         with pytest.raises(InputError, match=f"{side}x{side} pixels exceeds the limit of 64,000,000") as info:
             load_study(path)
         assert str(path) in str(info.value) and "set max_pixels" in str(info.value)

@@ -7,11 +7,9 @@ import io
 import json
 import os
 import re
-import struct
 import tempfile
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +26,7 @@ from lungsight import Detector, load_study
 from lungsight.fileio import atomic_write_json
 from lungsight.serve import Settings, create_app
 from lungsight.serve.routing import ModelPool
+from test_io_images import png_header_only
 
 API = "/api/v1"
 PHI = ["doe", "jane", "ls-fixture-0042", "19700101", "fixture general hospital", "acc-fixture-77", "gregory"]
@@ -160,19 +159,6 @@ def test_nifti_and_several_images_with_wait(client: TestClient, ct_nifti_sm: Pat
     assert single["probabilities"]["covid"] == pytest.approx(local.probabilities["covid"], abs=1e-4)
 
 
-def _png_header(path: Path, w: int, h: int) -> Path:
-    """A PNG whose header declares ``w`` x ``h`` pixels (what a decompression bomb looks like before decoding)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-    )
-    return path
-
-
 def lateral_xray_dicom(path: Path, shared_data: Path) -> Path:
     """A real lateral chest X-ray (cxr-cohen, view L) stored as DICOM DX with ViewPosition LL."""
     meta = (shared_data / "cxr-cohen" / "metadata.csv").read_text().splitlines()
@@ -222,7 +208,7 @@ def malicious(tmp_path_factory, ct_dicom_dir: Path, shared_data: Path) -> dict[s
     with zipfile.ZipFile(absolute, "w") as z:
         z.writestr("/tmp/escaped.dcm", data)
     cases["zip with absolute path"] = (absolute, 400, "absolute path")
-    cases["40000x40000 png"] = (_png_header(tmp / "huge.png", 40000, 40000), 400, "40000x40000")
+    cases["40000x40000 png"] = (png_header_only(tmp / "huge.png", 40000, 40000), 400, "40000x40000")
     (tmp / "text.dcm").write_text("this is not an image\n")
     cases["text named .dcm"] = (tmp / "text.dcm", 400, "upload/0000.dcm")
     return cases
