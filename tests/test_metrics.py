@@ -17,7 +17,7 @@ from lungsight.evaluate import (
     patient_scores,
     summarize_folds,
 )
-from lungsight.evaluate.metrics import _tie_bounds, _weighted_metrics
+from lungsight.evaluate.metrics import _tie_bounds, _weighted_metrics, group_resamples
 from lungsight.inference.rules import apply_rule
 
 # y = [1, 1, 1, 0, 0, 0, 0]; at threshold 0.5: positives 0.9, 0.7 found, 0.3 missed; negative 0.6 flagged.
@@ -262,3 +262,16 @@ def test_fold_table_markdown():
     unnamed = fold_table_markdown([{"f1": 0.5}, {"f1": 0.7}], metrics=["f1"], digits=2)
     assert "| 1 | 0.50 |" in unnamed and "| 2 | 0.70 |" in unnamed
     assert "0.60 ± 0.14" in unnamed
+
+
+def test_group_resamples_draw_whole_groups_as_many_as_there_are():
+    groups = ["a", "a", "b", "c", "c", "c"]  # group sizes 2, 1, 3
+    draws = list(group_resamples(groups, 50, seed=1))
+    assert len(draws) == 50
+    for idx in draws:
+        drawn = [groups[i] for i in idx]
+        # each group comes whole (2, 1 or 3 rows at a time), and exactly three groups are drawn
+        counts = {g: drawn.count(g) for g in set(drawn)}
+        assert all(n % {"a": 2, "b": 1, "c": 3}[g] == 0 for g, n in counts.items())
+        assert sum(n // {"a": 2, "b": 1, "c": 3}[g] for g, n in counts.items()) == 3
+    assert [d.tolist() for d in group_resamples(groups, 5, seed=1)] == [d.tolist() for d in draws[:5]]

@@ -24,6 +24,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from lungsight.errors import InputError
+from lungsight.evaluate.metrics import group_resamples
 from lungsight.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 
 EPS = 1e-12
@@ -168,13 +169,7 @@ def ece_change_ci(
     (patients), so that the slices of one patient move together. Negative: the change lowered the ECE."""
     pb, t = _check(before, y)
     pa, _ = _check(after, y)
-    _, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
-    rows_of = [np.flatnonzero(group_of_row == g) for g in range(group_of_row.max() + 1)]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
-        diffs.append(ece(pa[idx], t[idx], bins) - ece(pb[idx], t[idx], bins))
+    diffs = [ece(pa[idx], t[idx], bins) - ece(pb[idx], t[idx], bins) for idx in group_resamples(groups, n_boot, seed)]
     return [float(v) for v in np.percentile(diffs, [100 * alpha / 2, 100 * (1 - alpha / 2)])]
 
 

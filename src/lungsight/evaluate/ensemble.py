@@ -31,6 +31,7 @@ from lungsight.evaluate.calibration import (
     logits_from_probs,
     positive_index,
 )
+from lungsight.evaluate.metrics import group_resamples
 from lungsight.fileio import atomic_write_csv, atomic_write_json
 from lungsight.train.data import Item, SliceDataset, read_labels
 
@@ -132,13 +133,9 @@ def ensemble_gain_ci(
     one class only are skipped for the AUC."""
     p = np.asarray(member_probs, dtype=float)
     t = np.asarray(y).astype(int)
-    _, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
-    rows_of = [np.flatnonzero(group_of_row == g) for g in range(group_of_row.max() + 1)]
     mean = p.mean(axis=0)
-    rng = np.random.default_rng(seed)
     gains: dict[str, list[float]] = {"auc": [], "accuracy": []}
-    for _ in range(n_boot):
-        idx = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+    for idx in group_resamples(groups, n_boot, seed):
         yy = t[idx]
         acc = [np.mean(m[idx].argmax(axis=1) == yy) for m in p]
         gains["accuracy"].append(float(np.mean(mean[idx].argmax(axis=1) == yy) - np.mean(acc)))

@@ -8,7 +8,7 @@ predictions, ...) is ``None``, never NaN, so results can be written to JSON as t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -234,6 +234,17 @@ class PatientScores(NamedTuple):
     y_true: np.ndarray
     score: np.ndarray
     decision: np.ndarray
+
+
+def group_resamples(groups: ArrayLike, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Row indices of ``n_boot`` cluster-bootstrap resamples: as many groups (patients) as there are, drawn with
+    replacement, each bringing all its rows. For statistics that need the rows themselves (ECE, an ensemble's
+    gain); :func:`bootstrap_ci` weights rows instead, which is faster for the confusion-matrix metrics."""
+    _, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
+    rows_of = [np.flatnonzero(group_of_row == g) for g in range(group_of_row.max() + 1)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
 
 
 def _columns(slice_table: Any) -> tuple[Sequence[Any], Sequence[Any], Sequence[Any]]:
