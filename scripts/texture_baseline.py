@@ -38,9 +38,7 @@ def _cxr(args: argparse.Namespace) -> dict:
 
 
 def _ct(args: argparse.Namespace) -> dict:
-    import torch
-    import torch.nn.functional as F
-
+    from lungsight.preprocess.transforms import fit_square
     from lungsight.train.data import class_names, load_unit, read_labels
 
     if len(args.data) != 1:
@@ -48,8 +46,7 @@ def _ct(args: argparse.Namespace) -> dict:
     items = read_labels(args.data[0])
     features = []
     for it in items:
-        unit = torch.from_numpy(load_unit(it.path))[None, None]
-        square = F.interpolate(unit, size=(CT_SIZE, CT_SIZE), mode="bilinear", antialias=True)[0, 0].numpy()
+        square = fit_square(load_unit(it.path), CT_SIZE)[0].numpy()  # as the CT models' inputs are resized
         features.append(texture_features(square, np.ones(square.shape, bool)))
     classes = class_names(items)
     return texture_baseline_cv(
