@@ -54,6 +54,11 @@ def _ct(args: argparse.Namespace) -> dict:
     )
 
 
+def _f(value: float | None) -> str:
+    """A figure to 3 decimals; ``n/a`` where undefined (a class absent, or one fold only)."""
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=("ct", "cxr"), required=True)
@@ -68,9 +73,9 @@ def main() -> None:
     result.pop("probabilities")
     result |= {"task": args.task, "data": [str(d) for d in args.data]}
     print(
-        f"{args.task}{' ' + args.scheme if args.task == 'cxr' else ''}: macro AUC {result['macro_auc_mean']:.3f} ± "
-        f"{result['macro_auc_sd']:.3f} over {args.folds} folds, pooled {result['pooled_macro_auc']:.3f}; per class "
-        + ", ".join(f"{c} {a:.3f}" for c, a in result["pooled_auc_per_class"].items())
+        f"{args.task}{' ' + args.scheme if args.task == 'cxr' else ''}: macro AUC {_f(result['macro_auc_mean'])} ± "
+        f"{_f(result['macro_auc_sd'])} over {args.folds} folds, pooled {_f(result['pooled_macro_auc'])}; per class "
+        + ", ".join(f"{c} {_f(a)}" for c, a in result["pooled_auc_per_class"].items())
     )
     if args.out:
         atomic_write_json(args.out, result)

@@ -25,10 +25,10 @@ import numpy as np
 from scipy import stats
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from lungsight.evaluate.multiclass import multiclass_metrics
 from lungsight.train.splits import patient_folds
 
 #: Names of the features, in the order :func:`texture_features` returns them.
@@ -81,7 +81,8 @@ def texture_baseline_cv(
     folds: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Patient-grouped CV of the baseline: per-fold and pooled macro one-vs-rest AUC and per-class pooled AUC.
+    """Patient-grouped CV of the baseline: per-fold and pooled macro one-vs-rest AUC and per-class pooled AUC, as
+    :func:`lungsight.evaluate.multiclass.multiclass_metrics` defines them (``None`` where undefined).
 
     ``records`` are what :func:`lungsight.train.splits.patient_folds` groups (``.label``, ``.patient_id``), in the
     order of ``features``.
@@ -94,8 +95,9 @@ def texture_baseline_cv(
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
         model.fit(features[train_idx], y[train_idx])
         probs[test_idx] = model.predict_proba(features[test_idx])
-        per_fold.append(_macro_auc(y[test_idx], probs[test_idx], len(classes)))
-    folds_ok = [a for a in per_fold if not np.isnan(a)]
+        per_fold.append(multiclass_metrics(y[test_idx], probs[test_idx], classes)["macro_auc"])
+    folds_ok = [a for a in per_fold if a is not None]
+    pooled = multiclass_metrics(y, probs, classes)
     return {
         "folds": folds,
         "seed": seed,
@@ -103,21 +105,10 @@ def texture_baseline_cv(
         "fold_macro_auc": per_fold,
         "macro_auc_mean": float(np.mean(folds_ok)) if folds_ok else float("nan"),
         "macro_auc_sd": float(np.std(folds_ok, ddof=1)) if len(folds_ok) > 1 else float("nan"),
-        "pooled_macro_auc": _macro_auc(y, probs, len(classes)),
-        "pooled_auc_per_class": {c: _auc(y == k, probs[:, k]) for k, c in enumerate(classes)},
+        "pooled_macro_auc": pooled["macro_auc"],
+        "pooled_auc_per_class": {c: m["auc"] for c, m in pooled["per_class"].items()},
         "probabilities": probs,
     }
-
-
-def _auc(truth: np.ndarray, score: np.ndarray) -> float:
-    return float(roc_auc_score(truth, score)) if 0 < truth.sum() < truth.size else float("nan")
-
-
-def _macro_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
-    """Mean one-vs-rest AUC over the classes present with both outcomes (NaN if none)."""
-    aucs = [_auc(y == k, probs[:, k]) for k in range(n_classes)]
-    aucs = [a for a in aucs if not np.isnan(a)]
-    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def features_of_cache(files: Sequence[Path]) -> np.ndarray:
