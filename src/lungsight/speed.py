@@ -121,7 +121,8 @@ def load_detector(text: str) -> tuple[Detector, bool]:
         "std": list(spec.std),
         "window": list(LUNG_WINDOW),
     }
-    return Detector(build_model(name, 2, input_size=px), config), False
+    model = build_model(name, 2, input_size=px).to(memory_format=torch.channels_last)  # as load_model serves it
+    return Detector(model, config), False
 
 
 def _on_device(det: Detector, device: torch.device) -> Detector:
