@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
     p.add_argument("--infection-model", type=Path, help="CT: infection U-Net file; adds the infected fraction of lung")
 
+    p = sub.add_parser("batch", help="predict every study in a folder (or a list file): one summary, one index page")
+    p.add_argument("input", type=Path, nargs="?", help="folder whose entries are studies (DICOM folders/zips, ...)")
+    p.add_argument("--list", type=Path, dest="list_file", help="text file naming one study per line, instead")
+    p.add_argument("--out", type=Path, required=True, help="folder for summary.csv/.json, index.html, studies/")
+    p.add_argument("--model", help="model for every study (default: ct-default for CT, cxr-default for X-rays)")
+    p.add_argument("--modality", choices=["CT", "XR"], help="what plain images are (default: guessed per study)")
+    p.add_argument("--rule", choices=["threshold-0", "threshold-10", "consecutive", "mean"])
+    p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM per study (default 4)")
+    p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
+    p.add_argument("--tiff-intercept", type=float, default=-1024.0, help="HU = value + intercept for 16-bit TIFF")
+    p.add_argument("--resume", action="store_true", help="continue a killed batch: finished studies are skipped")
+    p.add_argument("--threads", type=int, help="torch threads (default: every core)")
+
     p = sub.add_parser("train", help="patient-grouped cross-validation, or a final fit with --folds 0")
     p.add_argument(
         "--data",
@@ -310,6 +323,39 @@ def _predict(args: argparse.Namespace) -> int:
     print(pred)
     print(f"report: {report}")
     print(DISCLAIMER)
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import torch
+
+    from lungsight.inference.batch import list_studies, predict_batch, read_study_list
+
+    if (args.input is None) == (args.list_file is None):
+        raise InputError("give a folder of studies or --list FILE (one of them)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    studies = read_study_list(args.list_file) if args.list_file else list_studies(args.input)
+    print(f"{len(studies)} studies -> {args.out}", flush=True)
+    summary = predict_batch(
+        studies,
+        args.out,
+        model=args.model,
+        modality=args.modality,
+        rule=args.rule,
+        top_k=args.top_k,
+        select=not args.no_select,
+        tiff_intercept=args.tiff_intercept,
+        resume=args.resume,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(f"summary: {summary.out / 'summary.csv'}; overview: {summary.out / 'index.html'}")
+    print(DISCLAIMER)
+    if summary.failed:
+        raise InputError(
+            f"{len(summary.failed)} of {len(summary.rows)} studies could not be analysed; "
+            f"their reasons are in {summary.out / 'summary.csv'}"
+        )
     return 0
 
 
@@ -582,6 +628,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "predict": _predict,
+    "batch": _batch,
     "train": _train,
     "train-view": _train_view,
     "evaluate": _evaluate,

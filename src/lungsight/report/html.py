@@ -454,3 +454,44 @@ def write_report(result: dict, out_dir: Path, *, figures: dict[str, Path] | None
     ensure_dir(out_dir)
     text = render_report(result, out_dir, figures=figures)
     return atomic_write_text(out_dir / REPORT_NAME, text)
+
+
+def _number_text(value: Any) -> str:
+    """A number given as a number or as CSV text, to 3 decimals; anything else as it is."""
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def render_batch_index(rows: Iterable[Mapping[str, Any]], n_studies: int) -> str:
+    """HTML text of a batch run's ``index.html``: one row per study (its decision and a link to its report, or the
+    reason it could not be read), with the research-use notice. ``rows`` are summary.csv rows."""
+    rows = list(rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    lines = []
+    for r in rows:
+        link = f'<a href="{_a(r["report"])}">{_e(r["study"])}</a>' if r.get("status") == "ok" else _e(r["study"])
+        if r.get("status") == "ok":
+            what = f"<b>{_e(r.get('label'))}</b> · {_e(r.get('rule'))} {_e(_number_text(r.get('score')))}"
+            if r.get("lung_share") not in ("", None):
+                what += f" · evidence in lungs {_e(_number_text(r.get('lung_share')))}"
+            if str(r.get("flagged")) == "True":
+                what += " · <b>flagged</b>"
+            detail = _e(r.get("probabilities", ""))
+        else:
+            what, detail = '<span class="missing">not analysed</span>', _e(r.get("error", ""))
+        lines.append(
+            f"<tr><td>{link}</td><td>{_e(r.get('input'))}</td><td>{_e(r.get('modality', ''))}</td>"
+            f"<td>{what}</td><td>{detail}</td></tr>"
+        )
+    counts = f"{len(rows)} of {n_studies} studies done: {len(ok)} analysed, {len(rows) - len(ok)} not analysed."
+    head = "<thead><tr><th>Study</th><th>Input</th><th>Modality</th><th>Decision</th><th>Details</th></tr></thead>"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>lungsight batch</title><style>{_CSS}</style></head>\n<body><main>\n"
+        f'<h1>lungsight batch</h1><div class="disclaimer" role="note">{_e(DISCLAIMER)}</div>'
+        f"<p>{_e(counts)}</p><table>{head}<tbody>{''.join(lines)}</tbody></table>"
+        f"<footer>lungsight {_e(__version__)} · {_e(DISCLAIMER)}</footer>\n</main></body></html>\n"
+    )
