@@ -16,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
 from lungsight.examples import EXAMPLE_CT
 from lungsight.inference.detector import Detector
 from lungsight.io import load_study
+from lungsight.io.export import write_nifti
 from lungsight.preprocess.window import to_unit
 
 
@@ -30,11 +30,8 @@ def resampled_nifti(study_path: Path, n_slices: int, out: Path) -> Path:
     """Write the study resampled to ``n_slices`` (nearest slice) as NIfTI in HU."""
     study = load_study(study_path)
     idx = np.round(np.linspace(0, study.n_slices - 1, n_slices)).astype(int)
-    vol = np.ascontiguousarray(study.pixels[idx].transpose(2, 1, 0)[::-1, ::-1, :])  # back to RAS voxel order
     sp = study.spacing or (1.0, 1.0, 1.0)
-    affine = np.diag([sp[2], sp[1], sp[0] * study.n_slices / n_slices, 1.0])
-    nib.save(nib.Nifti1Image(vol.astype(np.int16), affine), out)
-    return out
+    return write_nifti(study.pixels[idx], (sp[0] * study.n_slices / n_slices, sp[1], sp[2]), out)
 
 
 def _timed(fn, *args, **kwargs):

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed batch: finished studies are skipped")
     p.add_argument("--threads", type=int, help="torch threads (default: every core)")
 
+    p = sub.add_parser("deid", help="write a de-identified copy of a study: pixels + whitelisted metadata only")
+    _add_input_options(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for study.nii.gz or PNGs, and metadata.json")
+    p.add_argument("--modality", choices=["CT", "XR"], help="what plain images are (default CT)")
+
     p = sub.add_parser("train", help="patient-grouped cross-validation, or a final fit with --folds 0")
     p.add_argument(
         "--data",
@@ -359,6 +364,20 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deid(args: argparse.Namespace) -> int:
+    from lungsight.io import load_study
+    from lungsight.io.export import NOT_REMOVED, export_deidentified
+
+    study = load_study(args.input, series_uid=args.series, modality=args.modality, tiff_intercept=args.tiff_intercept)
+    written = export_deidentified(study, args.out)
+    kind = "an X-ray" if study.modality == "XR" else "a CT"
+    print(f"de-identified copy of {kind} study ({study.n_slices} slice{'s' * (study.n_slices > 1)}) in {args.out}:")
+    for path in written:
+        print(f"  {path.relative_to(args.out).as_posix()}")
+    print(f"note: {NOT_REMOVED}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from lungsight.train import TrainConfig, train
 
@@ -629,6 +648,7 @@ def _serve(args: argparse.Namespace) -> int:
 COMMANDS = {
     "predict": _predict,
     "batch": _batch,
+    "deid": _deid,
     "train": _train,
     "train-view": _train_view,
     "evaluate": _evaluate,
