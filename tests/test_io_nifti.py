@@ -104,6 +104,27 @@ def test_scaling_is_applied(tmp_path: Path) -> None:
     assert study.warnings == []
 
 
+def test_scaling_is_applied_once_to_a_reoriented_volume(tmp_path: Path) -> None:
+    """An LPS volume is reoriented in memory (already scaled) while a RAS one is scaled from the stored values."""
+    stored = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    for name, affine in (("ras.nii", np.eye(4)), ("lps.nii", np.diag([-1.0, -1.0, 1.0, 1.0]))):
+        image = nib.Nifti1Image(stored, affine)
+        image.header.set_slope_inter(2.0, -1000.0)
+        nib.save(image, tmp_path / name)
+    ras, lps = load_study(tmp_path / "ras.nii"), load_study(tmp_path / "lps.nii")
+    assert ras.pixels.min() == -1000.0 and ras.pixels.max() == -1000.0 + 2 * 59
+    np.testing.assert_array_equal(ras.pixels, lps.pixels[:, ::-1, ::-1])  # the same values, flipped in-plane
+
+
+def test_non_finite_voxels_are_filled_and_reported(tmp_path: Path) -> None:
+    data = np.full((6, 6, 4), -800.0, np.float32)
+    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii")
+    study = load_study(tmp_path / "nan.nii")
+    assert np.isfinite(study.pixels).all() and study.pixels.min() == -800.0
+    assert any("2 voxels were NaN or infinite" in w for w in study.warnings)
+
+
 def test_contract_warnings_for_cropped_or_padded_volumes(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.full((8, 8, 3), 300, np.int16), np.eye(4)), tmp_path / "soft.nii")
     soft = load_study(tmp_path / "soft.nii")

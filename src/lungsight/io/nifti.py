@@ -57,6 +57,24 @@ def _nifti_file(path: Path) -> Iterator[nib.Nifti1Image | nib.Nifti2Image]:
         yield nib.load(str(path))
 
 
+def _display_hu(image: nib.Nifti1Image) -> np.ndarray:
+    """The voxels as float32 ``(slice, row, column)`` in display order, scaled by ``scl_slope``/``scl_inter``.
+
+    The stored integers are reordered and converted in one pass, and scaled in place: one float32 copy of the
+    volume instead of the three that ``get_fdata`` followed by :func:`to_display` make (most CT volumes are int16).
+    """
+    raw = np.asanyarray(image.dataobj.get_unscaled()) if nib.is_proxy(image.dataobj) else np.asanyarray(image.dataobj)
+    pixels = np.ascontiguousarray(raw[::-1, ::-1, :].transpose(2, 1, 0), dtype=np.float32)
+    del raw
+    # A proxy reads the stored values and carries the scaling; an array (a reoriented image) is already scaled.
+    slope, inter = (image.dataobj.slope, image.dataobj.inter) if nib.is_proxy(image.dataobj) else (1.0, 0.0)
+    if slope != 1.0:
+        pixels *= np.float32(slope)
+    if inter != 0.0:
+        pixels += np.float32(inter)
+    return pixels
+
+
 def _load_canonical(image: nib.Nifti1Image, label: str) -> tuple[nib.Nifti1Image, str]:
     """The 3-D image reoriented to canonical RAS, and its original axis codes (e.g. "LPS")."""
     shape = image.shape
@@ -97,13 +115,11 @@ def _read_image(image: nib.Nifti1Image, label: str, max_pixels: int) -> Study:
     if tilt > 1.0:
         notes.append(f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation")
     try:
-        data = image.get_fdata(dtype=np.float32)
+        pixels = _display_hu(image)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
-    pixels = to_display(data)
-    del data
-    bad = ~np.isfinite(pixels)
-    if bad.any():
+    bad = None if np.isfinite(pixels.sum(dtype=np.float64)) else ~np.isfinite(pixels)  # one pass when all are finite
+    if bad is not None and bad.any():
         fill = float(np.min(pixels[~bad])) if (~bad).any() else -1024.0
         pixels[bad] = fill
         notes.append(f"{int(bad.sum())} voxels were NaN or infinite and were set to {fill:g}")
