@@ -8,9 +8,11 @@ probability (the slices that drive a positive decision, and the most suspicious 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,8 @@ from lungsight.preprocess.selection import SliceSelection, select_slices
 from lungsight.preprocess.transforms import model_batch, unfit_square
 from lungsight.preprocess.window import LUNG_WINDOW, to_unit
 from lungsight.study import Study
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -72,6 +76,22 @@ class Prediction:
             share = self.result.get("evidence", {}).get("lung_share")
             tail = f"evidence in lungs {'n/a' if share is None else f'{share:.2f}'}"
         return f"Prediction(label={self.label!r}, rule={d['rule']!r}, score={d['score']:.3f}, {probs}, {tail})"
+
+
+def _prefetched(prepare: Callable[[T], Any], chunks: Sequence[T]) -> Iterator[tuple[T, Any]]:
+    """``(chunk, prepare(chunk))`` in order, preparing the next chunk in a worker thread while the caller uses the
+    current one: windowing and resizing (NumPy and torch, which release the GIL) overlap the model's forward, and
+    at most two prepared batches exist at a time."""
+    if len(chunks) < 2:
+        yield from ((c, prepare(c)) for c in chunks)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungsight-prep") as pool:
+        pending = pool.submit(prepare, chunks[0])
+        for k, chunk in enumerate(chunks):
+            ready = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(prepare, chunks[k + 1])
+            yield chunk, ready
 
 
 class Detector:
@@ -169,9 +189,13 @@ class Detector:
         probs = np.full((study.n_slices, len(self.classes)), np.nan, np.float32)
         t1 = time.perf_counter()
         kept = selection.kept_indices
-        for i in range(0, len(kept), batch_size):
-            idx = kept[i : i + batch_size]
-            probs[idx] = self._softmax(self.inputs(to_unit(study.pixels[idx], study.intensity, window)))
+        batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
+
+        def prepare(idx: list[int]) -> torch.Tensor:
+            return self.inputs(to_unit(study.pixels[idx], study.intensity, window))
+
+        for idx, x in _prefetched(prepare, batches):
+            probs[idx] = self._softmax(x)
         t_inf = time.perf_counter() - t1
         p_pos = probs[kept, self.positive]
         kw = {
