@@ -98,6 +98,7 @@ def test_radiographs_mixed_with_ct_slices_are_refused(exam, covid_ct_dir, tmp_pa
     with pytest.raises(InputContractError, match="1 of these 2 images look like X-rays") as info:
         load_for_prediction(folder)
     assert pa.name in str(info.value) and ct.name not in str(info.value)
+    assert str(info.value).startswith(f"{folder}: ")  # the folder is named, not only the files inside it
     # stating the modality settles it: as CT the X-ray is simply a slice of another size
     study, model = load_for_prediction(folder, modality="CT")
     assert (study.modality, model) == ("CT", "ct-default")

@@ -45,18 +45,21 @@ def load_for_prediction(
     study = load_study(path, series_uid=series_uid, modality=modality, tiff_intercept=tiff_intercept)
     if modality is None:
         study = settle_image_modality(
-            study, lambda m: load_study(path, series_uid=series_uid, modality=m, tiff_intercept=tiff_intercept)
+            study,
+            lambda m: load_study(path, series_uid=series_uid, modality=m, tiff_intercept=tiff_intercept),
+            label=str(path),
         )
     return study, model if model is not None else DEFAULT_MODELS[study.modality]
 
 
-def settle_image_modality(study: Study, reread: Callable[[str], Study]) -> Study:
+def settle_image_modality(study: Study, reread: Callable[[str], Study], label: str | None = None) -> Study:
     """Plain images read without a stated modality (so, as CT): re-read them as an X-ray when the view classifier
     says they are radiographs. Any other study is returned as it is.
 
     One image: its view decides. A folder or zip of up to ``MAX_EXAM_IMAGES`` images: all radiographs make an X-ray
     exam (re-read as X-ray, which keeps its one frontal view); all CT slices stay a CT series; a mixture is refused
-    with the radiographs named. Larger folders are CT series and are not classified.
+    with the radiographs named (after ``label``, the input's name, when given). Larger folders are CT series and
+    are not classified.
     """
     from lungsight.io.images import MAX_EXAM_IMAGES
 
@@ -70,8 +73,9 @@ def settle_image_modality(study: Study, reread: Callable[[str], Study]) -> Study
         return study
     if all(k == "XR" for k in kinds):
         return reread("XR")
-    radiographs = [label for label, k in zip(study.slice_labels, kinds, strict=True) if k == "XR"]
+    radiographs = [name for name, k in zip(study.slice_labels, kinds, strict=True) if k == "XR"]
+    where = f"{label}: " if label else ""
     raise InputContractError(
-        f"{len(radiographs)} of these {study.n_slices} images look like X-rays to the view classifier "
+        f"{where}{len(radiographs)} of these {study.n_slices} images look like X-rays to the view classifier "
         f"({', '.join(radiographs)}) and the others like CT slices; pass one study, or state it with --modality"
     )
