@@ -36,6 +36,14 @@ def test_a_folder_with_no_study_is_one_error_naming_it(tmp_path):
         list_studies(tmp_path / "notes.txt")
 
 
+def test_a_ct_series_folder_is_not_taken_for_a_folder_of_studies(ct_dicom_dir, tmp_path):
+    with pytest.raises(InputError, match=f"{ct_dicom_dir}: 20 of its files are slices of one CT series"):
+        list_studies(ct_dicom_dir)
+    shutil.copy(sorted(ct_dicom_dir.iterdir())[0], tmp_path / "one_slice.dcm")
+    (tmp_path / "other.nii.gz").write_bytes(b"x")
+    assert [p.name for p in list_studies(tmp_path)] == ["one_slice.dcm", "other.nii.gz"]
+
+
 def test_a_list_file_names_studies_relative_to_itself(tmp_path):
     lst = tmp_path / "cohort.txt"
     lst.write_text("# cohort A\n\na/series\n/abs/study.nii.gz\n")

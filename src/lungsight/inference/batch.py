@@ -28,7 +28,7 @@ from typing import Any
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.errors import InputError, LungsightError, ModelError, OutputError
 from lungsight.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
-from lungsight.io import IGNORED_SUFFIXES
+from lungsight.io import IGNORED_SUFFIXES, series_among
 from lungsight.train.runs import prepare_run_folder
 
 STUDIES_DIR = "studies"
@@ -57,7 +57,8 @@ COLUMNS = (
 
 def list_studies(folder: str | os.PathLike[str]) -> list[Path]:
     """The studies in ``folder``: each entry except hidden files, OS clutter and notes (.txt, .csv, .json ...),
-    in natural order. An empty folder, or one holding only such files, is an error naming it."""
+    in natural order. An empty folder, one holding only such files, or one whose files are the slices of a CT
+    series (one study, not many) is an error naming it. Single-file DICOM X-rays are separate studies."""
     from lungsight.io.images import natural_key
 
     folder = Path(folder)
@@ -72,6 +73,14 @@ def list_studies(folder: str | os.PathLike[str]) -> list[Path]:
     ]
     if not entries:
         raise InputError(f"{folder}: no study in it (expected DICOM folders or zips, NIfTI files or images)")
+    files = [p for p in entries if p.is_file()]
+    if len(files) > 1:  # the slices of one CT series, given as if each were a study
+        for series in series_among(files, folder, str(folder)):
+            if series.modality == "CT" and series.n_images > 1:
+                raise InputError(
+                    f"{folder}: {series.n_images} of its files are slices of one CT series, not separate studies; "
+                    f"predict it with 'lungsight predict {folder}', or give a folder whose entries are one study each"
+                )
     return sorted(entries, key=lambda p: natural_key(p.name))
 
 

@@ -21,7 +21,7 @@ from lungsight.io.images import IMAGE_SUFFIXES, read_images
 from lungsight.io.nifti import read_nifti
 from lungsight.study import SeriesInfo, Study
 
-__all__ = ["check_ct_contract", "check_xr_contract", "list_series", "load_study"]
+__all__ = ["check_ct_contract", "check_xr_contract", "list_series", "load_study", "series_among"]
 
 logger = logging.getLogger("lungsight.io")
 
@@ -204,5 +204,16 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
     with _opened(Path(path), label) as target:
         if target.is_file():
             return list_dicom_series([target], lambda _: label, label) if _kind(target) == "dicom" else []
-        dicoms = [p for p in _listed(target) if _kind(p) == "dicom"]
-        return list_dicom_series(dicoms, _namer(target, label), label) if dicoms else []
+        return series_among(_listed(target), target, label)
+
+
+def series_among(files: list[Path], root: Path, label: str) -> list[SeriesInfo]:
+    """The DICOM series that the DICOM files among ``files`` (under ``root``, named as ``label/...``) make up,
+    largest first; ``[]`` when none of them is a DICOM image."""
+    dicoms = [p for p in files if _kind(p) == "dicom"]
+    if not dicoms:
+        return []
+    try:
+        return list_dicom_series(dicoms, _namer(root, label), label)
+    except InputError:  # no DICOM image among them
+        return []
