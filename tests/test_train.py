@@ -146,3 +146,27 @@ def test_unavailable_imagenet_weights_fail_before_a_run_folder_exists(covid_ct, 
     with pytest.raises(WeightsUnavailableError, match="--pretrained none"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_onecycle_warms_up_then_decays_per_step(covid_ct, tmp_path):
+    """The fine-tuning schedule: the rate rises over the first 15 % of the steps, peaks at --lr, ends near zero."""
+    cfg = TrainConfig(
+        data=str(covid_ct),
+        model="resnet18",
+        out=str(tmp_path / "run"),
+        folds=0,
+        epochs=4,
+        lr=1e-3,
+        input_size=32,
+        augment="none",
+        scheduler="onecycle",
+        batch_size=4,
+        max_patients=16,
+        threads=1,
+    )
+    train(cfg)
+    with open(tmp_path / "run" / "full" / "history.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert len(lrs) == 4
+    assert lrs[0] == pytest.approx(1e-3, rel=0.3)  # the peak is reached within the first epoch (15 % of the steps)
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] and lrs[3] < 1e-5

@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder of prepared X-rays, shareable between runs (default: cache/ in the run folder)",
     )
-    p.add_argument("--scheduler", choices=["cosine", "plateau"], help="learning-rate schedule (default: the model's)")
+    p.add_argument(
+        "--scheduler", choices=["cosine", "onecycle", "plateau"], help="learning-rate schedule (default: the model's)"
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--folds", type=int, default=5, help="k of patient-grouped k-fold CV; 0 = fit on all data")
     p.add_argument("--epochs", type=int)

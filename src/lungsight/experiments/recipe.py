@@ -48,7 +48,7 @@ _CHOICES = {
     "optimizer": ("adamw", "adam", "nadam", "sgd"),
     "augment": AUGMENTATIONS,
     "pretrained": ("none", "imagenet"),
-    "scheduler": ("cosine", "plateau"),
+    "scheduler": ("cosine", "onecycle", "plateau"),
     "scheme": SCHEMES,
 }
 _QUICK_KEYS = {"folds": int, "epochs": int, "input_size": int, "max_patients": int, "patience": int}

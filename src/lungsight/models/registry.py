@@ -17,6 +17,7 @@ from torch import nn
 from lungsight.errors import ModelError, WeightsUnavailableError
 from lungsight.models.architectures import FPNClassifier, TimmClassifier, TorchvisionClassifier, VGG16Head
 from lungsight.models.covidnet import CovidNet
+from lungsight.models.efficientnet_lite import build_efficientnet_lite0
 from lungsight.models.weights import load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,6 +169,14 @@ _PAPER_002 = {"optimizer": "nadam", "lr": 1e-4, "batch_size": 14, "epochs": 50, 
 _PAPER_001 = {"optimizer": "sgd", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
 _PAPER_000 = {"optimizer": "adam", "lr": 1e-3, "batch_size": 16, "epochs": 30, "augment": "paper002"}
 _CPU = {"optimizer": "adamw", "lr": 1e-3, "batch_size": 32, "epochs": 30, "augment": "light"}
+_FINE_TUNE = {
+    "optimizer": "adamw",
+    "lr": 3e-4,
+    "batch_size": 32,
+    "epochs": 10,
+    "augment": "light",
+    "scheduler": "onecycle",
+}
 
 register(
     ModelSpec(
@@ -230,6 +239,17 @@ register(
         defaults=_CPU,
     ),
     _timm("resnet18", "layer4", drop_rate=0.2),
+)
+register(
+    ModelSpec(
+        "efficientnet-lite0",
+        "EfficientNet-Lite0 (timm tf_efficientnet_lite0) with ImageNet weights that work offline: ct-default's "
+        "architecture (docs/model-selection.md)",
+        "ours",
+        160,
+        defaults=_FINE_TUNE,
+    ),
+    build_efficientnet_lite0,
 )
 register(
     ModelSpec(

@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 1
     max_patients: int | None = None
-    scheduler: str | None = None  # "cosine" or "plateau" (halve the rate after 3 epochs without progress)
+    scheduler: str | None = None  # "cosine", "onecycle" (warm-up, then cosine) or "plateau" (halve after 3 flat epochs)
     task: str = "ct"  # "ct": labels.csv of CT slices; "cxr": X-ray metadata folders (train/cxr.py)
     extra_data: list[str] = field(default_factory=list)  # further X-ray sources (task "cxr")
     scheme: str = "segmented"  # paper 004's X-ray preprocessing (task "cxr")
@@ -190,12 +190,17 @@ class FoldTrainer:
         model.to(memory_format=torch.channels_last)  # faster on CPU; checkpoints are saved contiguous
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
-        plateau = cfg.scheduler == "plateau"
-        sched: Any = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
-            if plateau
-            else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-        )
+        plateau, per_step = cfg.scheduler == "plateau", cfg.scheduler == "onecycle"
+        steps = math.ceil(len(train_idx) / cfg.batch_size)
+        sched: Any
+        if plateau:
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3)
+        elif per_step:  # warm-up over the first 15 % of the steps, then cosine decay: for fine-tuning
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15
+            )
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
         weights = torch.tensor(class_weights(self.items, train_idx, self.classes), dtype=torch.float32)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
         state_path, best_path = self.dir / "state.pt", self.dir / "best.safetensors"
@@ -223,10 +228,12 @@ class FoldTrainer:
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 opt.step()
+                if per_step:
+                    sched.step()
                 total += loss.item() * len(y)
                 n += len(y)
                 bar.set_postfix(loss=f"{total / n:.4f}")
-            if not plateau:
+            if not plateau and not per_step:
                 sched.step()
             row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
             if val_ds is not None:
