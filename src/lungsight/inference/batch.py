@@ -28,11 +28,10 @@ from typing import Any
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.errors import InputError, LungsightError, ModelError, OutputError
 from lungsight.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
-from lungsight.io import IGNORED_SUFFIXES, series_among
+from lungsight.io import IGNORED_NAMES, IGNORED_SUFFIXES, series_among
 from lungsight.train.runs import prepare_run_folder
 
 STUDIES_DIR = "studies"
-_OS_CLUTTER = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})
 #: Columns of summary.csv, in order.
 COLUMNS = (
     "study",
@@ -68,7 +67,7 @@ def list_studies(folder: str | os.PathLike[str]) -> list[Path]:
         p
         for p in folder.iterdir()
         if not p.name.startswith(".")
-        and p.name.lower() not in _OS_CLUTTER
+        and p.name.lower() not in IGNORED_NAMES
         and (p.is_dir() or (p.is_file() and p.suffix.lower() not in IGNORED_SUFFIXES))
     ]
     if not entries:
@@ -174,6 +173,7 @@ def predict_batch(
     previous = _previous_rows(out) if resume else {}
     detectors: dict[str, Detector] = {}
     rows: list[dict[str, Any]] = []
+    written = 0
     t_run = time.perf_counter()
     n = len(inputs)
     for k, path in enumerate(inputs, start=1):
@@ -206,10 +206,12 @@ def predict_batch(
         row["seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
         _write_summary(out, rows, inputs)
+        written = len(rows)
         left = (time.perf_counter() - t_run) / k * (n - k)
         what = f"{row['label']} ({row['rule']} score {row['score']:.3f})" if row["status"] == "ok" else row["error"]
         _say(progress, f"[{k}/{n}] {name} {row['seconds']:.1f} s: {what}; about {left:.0f} s left")
-    _write_summary(out, rows, inputs)
+    if written != len(rows):  # the last studies were skipped (resumed): nothing wrote their rows yet
+        _write_summary(out, rows, inputs)
     return BatchSummary(out, rows)
 
 

@@ -27,7 +27,8 @@ logger = logging.getLogger("lungsight.io")
 
 #: Files in a folder that are never read: notes and sidecars that travel with exported series.
 IGNORED_SUFFIXES = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".html", ".htm", ".pdf", ".ini", ".log"})
-_IGNORED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini"})
+#: Entries never read, whatever their kind: OS clutter (compared lower-case).
+IGNORED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
@@ -51,10 +52,10 @@ def _listed(folder: Path) -> list[Path]:
     """Regular files under ``folder`` (recursively), without hidden files, OS clutter and sidecar notes."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _IGNORED_NAMES)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in IGNORED_NAMES)
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
-            if filename.startswith(".") or filename.lower() in _IGNORED_NAMES:
+            if filename.startswith(".") or filename.lower() in IGNORED_NAMES:
                 continue
             if path.suffix.lower() in IGNORED_SUFFIXES or not path.is_file():
                 continue

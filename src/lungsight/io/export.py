@@ -36,18 +36,13 @@ except ImportError:  # optional, as for reading
 from lungsight.about import __version__
 from lungsight.errors import OutputError
 from lungsight.fileio import atomic_write, atomic_write_json, ensure_dir
+from lungsight.io.nifti import from_display
 from lungsight.study import Study
 
 NOT_REMOVED = (
     "text burned into the pixels (printed names, dates or institution) is pixel data and is not removed: "
     "look at the images before sharing them"
 )
-
-
-def ras_volume(pixels: np.ndarray) -> np.ndarray:
-    """``(slice, row, column)`` in radiological display order (what the readers return) -> canonical RAS voxels
-    ``(i, j, k)``: the inverse of :func:`lungsight.io.nifti.to_display`."""
-    return np.ascontiguousarray(pixels.transpose(2, 1, 0)[::-1, ::-1, :])
 
 
 def write_nifti(pixels: np.ndarray, spacing: tuple[float, float, float] | None, path: Path) -> Path:
@@ -57,7 +52,7 @@ def write_nifti(pixels: np.ndarray, spacing: tuple[float, float, float] | None, 
     one is a whole number in its range, otherwise as ``float32``. The header carries no free text.
     """
     sp = spacing or (1.0, 1.0, 1.0)
-    vol = ras_volume(pixels)
+    vol = from_display(pixels)
     whole = np.all(np.isfinite(vol)) and np.array_equal(np.round(vol), vol)
     if whole and vol.min() >= np.iinfo(np.int16).min and vol.max() <= np.iinfo(np.int16).max:
         vol = vol.astype(np.int16)

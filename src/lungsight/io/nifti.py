@@ -31,9 +31,15 @@ from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.study import Study
 
 
-def to_display(volume: np.ndarray) -> np.ndarray:
-    """``(i, j, k)`` canonical-RAS voxels as ``(slice, row, column)`` in radiological display order."""
-    return np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0))
+def to_display(volume: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``(i, j, k)`` canonical-RAS voxels as ``(slice, row, column)`` in radiological display order (converted to
+    ``dtype`` in the same pass when given)."""
+    return np.ascontiguousarray(volume[::-1, ::-1, :].transpose(2, 1, 0), dtype=dtype)
+
+
+def from_display(pixels: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_display`: ``(slice, row, column)`` -> canonical-RAS voxels ``(i, j, k)``."""
+    return np.ascontiguousarray(pixels.transpose(2, 1, 0)[::-1, ::-1, :])
 
 
 @contextmanager
@@ -61,13 +67,15 @@ def _display_hu(image: nib.Nifti1Image) -> np.ndarray:
     """The voxels as float32 ``(slice, row, column)`` in display order, scaled by ``scl_slope``/``scl_inter``.
 
     The stored integers are reordered and converted in one pass, and scaled in place: one float32 copy of the
-    volume instead of the three that ``get_fdata`` followed by :func:`to_display` make (most CT volumes are int16).
+    volume instead of the three that ``get_fdata`` and a separate reordering copy make (most CT volumes are int16).
     """
-    raw = np.asanyarray(image.dataobj.get_unscaled()) if nib.is_proxy(image.dataobj) else np.asanyarray(image.dataobj)
-    pixels = np.ascontiguousarray(raw[::-1, ::-1, :].transpose(2, 1, 0), dtype=np.float32)
-    del raw
     # A proxy reads the stored values and carries the scaling; an array (a reoriented image) is already scaled.
-    slope, inter = (image.dataobj.slope, image.dataobj.inter) if nib.is_proxy(image.dataobj) else (1.0, 0.0)
+    if nib.is_proxy(image.dataobj):
+        raw, slope, inter = np.asanyarray(image.dataobj.get_unscaled()), image.dataobj.slope, image.dataobj.inter
+    else:
+        raw, slope, inter = np.asanyarray(image.dataobj), 1.0, 0.0
+    pixels = to_display(raw, np.float32)
+    del raw
     if slope != 1.0:
         pixels *= np.float32(slope)
     if inter != 0.0:

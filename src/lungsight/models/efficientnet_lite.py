@@ -82,10 +82,10 @@ def _load_backbone(model: TimmClassifier, path: Path) -> None:
     state = load_state_dict(path)
     if is_port_layout(state):
         state = from_port_layout(state)
-    state = {k.removeprefix("net."): v for k, v in state.items()}
-    head = model.net.get_classifier()
-    if state.get("classifier.weight") is not None and state["classifier.weight"].shape != head.weight.shape:
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # ImageNet's 1000 classes
+    # The file's classifier (ImageNet's 1000 classes, or another task's) is not loaded: the head starts afresh.
+    state = {
+        k.removeprefix("net."): v for k, v in state.items() if not k.removeprefix("net.").startswith("classifier.")
+    }
     missing, unexpected = model.net.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("classifier.")]:
         raise ModelError(
