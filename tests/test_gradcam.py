@@ -126,6 +126,39 @@ def test_inplace_relu_after_target_gives_same_map() -> None:
         np.testing.assert_allclose(a(x, 1), b(x, 1), atol=1e-6)
 
 
+def _reference_cam(model: TinyCNN, x: torch.Tensor, cls: int) -> np.ndarray:
+    """Grad-CAM written out by hand on the plain (not in-place) network, differentiating the whole graph."""
+    x = x.clone().requires_grad_(True)
+    act = model.target(model.relu1(model.conv1(x)))
+    logits = model.fc(model.relu2(act).mean(dim=(2, 3)))
+    (grad,) = torch.autograd.grad(logits[:, cls].sum(), act)
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True)).detach().numpy()
+
+
+def test_graph_is_cut_at_the_target_layer_with_the_same_map() -> None:
+    torch.manual_seed(4)
+    model = TinyCNN(inplace=False).eval()
+    x = torch.rand(2, 1, 20, 20)
+    reached: list[str] = []
+    model.conv1.register_full_backward_hook(lambda *_: reached.append("conv1"))
+    model.fc.register_full_backward_hook(lambda *_: reached.append("fc"))
+    with GradCAM(model, model.target) as cam:
+        maps = cam(x, 2)
+    assert reached == ["fc"]  # the backward pass stopped at the target; the layers before it were not visited
+    assert (maps.max(axis=(1, 2)) > 0).all()
+    np.testing.assert_allclose(maps, _reference_cam(model, x, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_callers_grad_mode_is_restored(grad_enabled: bool) -> None:
+    model = TinyCNN().eval()
+    with torch.set_grad_enabled(grad_enabled), GradCAM(model, model.target) as cam:
+        assert cam(torch.rand(1, 1, 16, 16), 0).max() > 0
+        assert torch.is_grad_enabled() is grad_enabled
+
+
 def test_hooks_removed_after_close_and_ordinary_forward_unaffected() -> None:
     model = TinyCNN().eval()
     cam = GradCAM(model, model.target)

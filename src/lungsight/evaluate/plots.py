@@ -23,9 +23,14 @@ DPI = 110
 FIGSIZE = (5.0, 4.0)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    """Write the PNG through :func:`lungsight.fileio.atomic_write` (temporary file, then rename)."""
-    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight"))
+def _save(fig: Figure, path: str | Path, tight: bool = True) -> Path:
+    """Write the PNG through :func:`lungsight.fileio.atomic_write` (temporary file, then rename).
+
+    ``tight`` crops the figure to what is drawn, which costs a second rendering; a figure whose margins are set
+    by hand passes ``False``.
+    """
+    bbox = "tight" if tight else None
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches=bbox))
 
 
 def plot_roc(
@@ -149,7 +154,11 @@ def plot_slice_probabilities(
     x = np.arange(p.size)
     finite = np.isfinite(p)
 
-    fig = Figure(figsize=(max(FIGSIZE[0], min(10.0, 3.0 + p.size / 40)), FIGSIZE[1]), dpi=DPI)
+    width, height = max(FIGSIZE[0], min(10.0, 3.0 + p.size / 40)), FIGSIZE[1]
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    # Fixed margins in inches (title above; axis label and a one- or two-row legend below) instead of a tight
+    # crop: this plot is drawn for every prediction, and the crop would render it twice.
+    fig.subplots_adjust(left=0.62 / width, right=1 - 0.2 / width, top=1 - 0.32 / height, bottom=1.0 / height)
     ax = fig.subplots()
     for k, (a, b) in enumerate(_runs(~sel)):
         ax.axvspan(a - 0.5, b - 0.5, color="0.88", zorder=0, label="dropped by slice selection" if k == 0 else None)
@@ -211,7 +220,7 @@ def plot_slice_probabilities(
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 # ---------------------------------------------------------------- multi-class, bias audit and embedding pictures

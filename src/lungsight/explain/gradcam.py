@@ -21,8 +21,10 @@ from torch.utils.hooks import RemovableHandle
 class GradCAM:
     """Grad-CAM on one layer of a classifier whose forward returns logits of shape (N, C).
 
-    Works on models in eval mode with frozen parameters: the input is made to require grad so that gradients
-    reach the target activation. Use as a context manager, or call :meth:`close` to remove the hooks.
+    During a call the forward hook cuts the graph at the target layer: the layer's output is replaced by a leaf
+    that requires grad, so the backward pass runs only through the layers after it (often a few percent of the
+    network) and works whether or not the parameters require grad. Use as a context manager, or call
+    :meth:`close` to remove the hook.
     """
 
     def __init__(self, model: nn.Module, target_layer: nn.Module) -> None:
@@ -30,27 +32,17 @@ class GradCAM:
         self.target_layer = target_layer
         self._capturing = False
         self._activation: Tensor | None = None
-        self._gradient: Tensor | None = None
-        self._tensor_hooks: list[RemovableHandle] = []
         self._handle: RemovableHandle | None = target_layer.register_forward_hook(self._forward_hook)
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
-        if not self._capturing or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        # Clone: a following inplace op (ReLU(inplace=True)) would otherwise overwrite the stored values.
-        # The tensor hook receives the gradient with respect to this (pre-inplace) output.
+    def _forward_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> Tensor | None:
+        if not self._capturing or not isinstance(output, Tensor) or not output.is_floating_point():
+            return None
         # A layer that runs more than once per forward pass: the last call is the one explained.
-        self._remove_tensor_hooks()
-        self._activation = output.detach().clone()
-        self._tensor_hooks.append(output.register_hook(self._gradient_hook))
-
-    def _remove_tensor_hooks(self) -> None:
-        for h in self._tensor_hooks:
-            h.remove()
-        self._tensor_hooks.clear()
-
-    def _gradient_hook(self, grad: Tensor) -> None:
-        self._gradient = grad.detach()
+        self._activation = output.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)
+        # The network goes on from a copy, so that a following in-place op (ReLU(inplace=True)) can neither
+        # overwrite the stored activation nor act in place on a leaf.
+        return self._activation.clone()
 
     def __call__(self, x: Tensor, class_idx: int | Sequence[int]) -> np.ndarray:
         """Grad-CAM maps for images ``x`` (N, C, H, W): float32 array (N, H, W) with values in [0, 1].
@@ -68,29 +60,30 @@ class GradCAM:
         if len(idx) != n:
             raise ValueError(f"{len(idx)} class indices for a batch of {n} images")
 
-        inp = x.detach().requires_grad_(True)
-        self._activation = self._gradient = None
+        self._activation = None
         self._capturing = True
         try:
+            # No graph for the layers before the target: the hook switches gradients on from its leaf onwards,
+            # and leaving no_grad() restores the caller's mode.
+            with torch.no_grad():
+                logits = self.model(x.detach())
+            if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+                raise ValueError("the model must return logits of shape (N, C)")
+            activation = self._activation
+            if activation is None:
+                raise RuntimeError("the target layer was not reached, or its output is not a float tensor")
+            rows = torch.arange(n, device=logits.device)
+            cols = torch.tensor(idx, device=logits.device)
             with torch.enable_grad():
-                logits = self.model(inp)
-                if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
-                    raise ValueError("the model must return logits of shape (N, C)")
-                if self._activation is None:
-                    raise RuntimeError("the target layer was not reached, or its output has no gradient")
-                rows = torch.arange(n, device=logits.device)
-                cols = torch.tensor(idx, device=logits.device)
                 score = logits[rows, cols].sum()
-                # Differentiate with respect to the input only: parameters' .grad stay untouched.
-                torch.autograd.grad(score, inp, allow_unused=True)
+                # Differentiate with respect to the target activation only: parameters' .grad stay untouched.
+                (gradient,) = torch.autograd.grad(score, activation, allow_unused=True)
         finally:
             self._capturing = False
-            self._remove_tensor_hooks()
-
-        activation, gradient = self._activation, self._gradient
-        self._activation = self._gradient = None
-        if gradient is None:
+            self._activation = None
+        if gradient is None:  # the logits do not depend on the target layer
             gradient = torch.zeros_like(activation)
+        activation = activation.detach()
         if activation.ndim != 4:
             raise ValueError(f"target layer output must be (N, K, h, w), got shape {tuple(activation.shape)}")
 
