@@ -55,7 +55,7 @@ def test_tiny_run_writes_csv_json_png_with_the_right_columns(tmp_path: Path, cap
         ("resnet18:32", 30),
     ]
     assert [r["trained"] for r in rows] == ["True", "True", "False", "False"]
-    assert {r["input_px"] for r in rows} == {"160", "32"}  # ct-default reads 160 px
+    assert {r["input_px"] for r in rows} == {"192", "32"}  # ct-default reads 192 px
     for r in rows:
         assert r["skipped"] == "False" and r["threads"] == "1" and r["device"] == "cpu"
         assert float(r["seconds_per_study"]) > float(r["forward_s"]) > 0
