@@ -33,28 +33,26 @@ def imagenet_features(images: list[np.ndarray], size: int = PROBE_SIZE) -> np.nd
     """Pooled penultimate features of the ImageNet efficientnet-lite0, one row per grey image in [0, 1]."""
     import torch
 
+    from lungsight.evaluate.embedding import penultimate_features
     from lungsight.models.registry import build_model, get_spec
     from lungsight.preprocess.transforms import model_batch
 
     spec = get_spec("efficientnet-lite0")
-    net = build_model("efficientnet-lite0", pretrained="imagenet", input_size=size).eval().net
-    rows = []
-    with torch.inference_mode():
-        for i in range(0, len(images), 16):
-            x = torch.cat([model_batch(u[None], size, 3, spec.mean, spec.std) for u in images[i : i + 16]])
-            rows.append(net.forward_head(net.forward_features(x), pre_logits=True).numpy())
-    return np.concatenate(rows)
+    model = build_model("efficientnet-lite0", pretrained="imagenet", input_size=size)
+    batches = (
+        torch.cat([model_batch(u[None], size, 3, spec.mean, spec.std) for u in images[i : i + 16]])
+        for i in range(0, len(images), 16)
+    )  # one at a time through the resize (the images differ in size), 16 at a time through the network
+    return penultimate_features(model, batches)
 
 
 def _cxr(args: argparse.Namespace) -> dict:
-    from lungsight.train.cxr import prepare_cache
+    from lungsight.train.cxr import load_prepared, prepare_cache
     from lungsight.train.cxr_data import CXR_CLASSES, read_cxr_datasets
 
     if args.cache is None:
         raise SystemExit("--cache is required for --task cxr (the prepared X-rays go there)")
     records, left_out = read_cxr_datasets(args.data)
-    from lungsight.train.cxr import load_prepared
-
     files = prepare_cache(records, args.scheme, None, args.cache)
     if args.features == "imagenet":
         features = imagenet_features([load_prepared(f)[0] for f in files])
