@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungsight.evaluate import plot_confusion, plot_roc, plot_slice_probabilities
+from lungsight.evaluate import plot_confusion, plot_roc
 
 
 def _check_png(path: Path, min_side: int = 300, max_side: int = 1400) -> None:
@@ -58,21 +58,3 @@ def test_plot_confusion_with_label_strings_three_classes(tmp_path):
         plot_confusion(["cat"], ["normal"], labels, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="outside"):
         plot_confusion([0, 3], [0, 1], labels, tmp_path / "bad.png")
-
-
-def test_plot_slice_probabilities(tmp_path):
-    n = 60
-    x = np.arange(n)
-    probs = np.clip(0.1 + 0.8 * np.exp(-(((x - 30) / 8.0) ** 2)), 0, 1)
-    selected = (x >= 8) & (x < 52)
-    probs[:4] = np.nan  # never scored
-    labels = ((x >= 24) & (x < 38)).astype(int)
-    out = plot_slice_probabilities(probs, selected, 0.5, tmp_path / "slices.png", labels=labels, title="P001")
-    _check_png(out)
-    # without labels and with every slice selected
-    _check_png(plot_slice_probabilities(np.linspace(0, 1, 10), np.ones(10, bool), 0.5, tmp_path / "s2.png"))
-
-
-def test_plot_slice_probabilities_shape_mismatch(tmp_path):
-    with pytest.raises(ValueError, match="selected_mask"):
-        plot_slice_probabilities([0.1, 0.2], [True], 0.5, tmp_path / "x.png")

@@ -118,7 +118,8 @@ def test_dicom_zip_with_phi_round_trip_is_right_and_leaks_nothing(
         answers.append(json.dumps(result))
         report = client.get(status["links"]["report"])
         assert report.headers["content-type"].startswith("text/html") and "not a medical device" in report.text
-        assert client.get(status["links"]["plot"]).content[:4] == b"\x89PNG"
+        plot = client.get(status["links"]["plot"])
+        assert plot.headers["content-type"].startswith("image/svg+xml") and plot.content.startswith(b"<svg")
         assert result["overlays"]
         for overlay in result["overlays"]:
             png = client.get(f"{API}/studies/{job['id']}/overlays/{overlay['file'].split('/')[-1]}")
@@ -132,9 +133,9 @@ def test_dicom_zip_with_phi_round_trip_is_right_and_leaks_nothing(
     assert [s["label"] for s in result["slice_probabilities"]] == [f"slice {i:04d}" for i in range(20)]
     assert not files_under(data / "work"), "the upload was kept"
     kept = {p.relative_to(data / "results" / job["id"]).as_posix() for p in files_under(data / "results")}
-    assert {"result.json", "report.html", "slice_probabilities.png"} <= kept
+    assert {"result.json", "report.html", "slice_probabilities.svg"} <= kept
     assert all(
-        k.startswith("overlays/") or k in ("result.json", "report.html", "slice_probabilities.png") for k in kept
+        k.startswith("overlays/") or k in ("result.json", "report.html", "slice_probabilities.svg") for k in kept
     )
     logs = [rec.getMessage() for rec in caplog.records]
     assert any(job["id"] in line for line in logs)

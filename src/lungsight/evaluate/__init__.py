@@ -11,7 +11,7 @@ from lungsight.evaluate.metrics import (
     patient_scores,
     summarize_folds,
 )
-from lungsight.evaluate.plots import plot_confusion, plot_roc, plot_slice_probabilities
+from lungsight.evaluate.plots import plot_confusion, plot_roc
 
 __all__ = [
     "COUNTS",
@@ -24,6 +24,5 @@ __all__ = [
     "patient_scores",
     "plot_confusion",
     "plot_roc",
-    "plot_slice_probabilities",
     "summarize_folds",
 ]

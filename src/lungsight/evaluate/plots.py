@@ -1,5 +1,6 @@
-"""Evaluation pictures: ROC curves, confusion matrices, per-slice probabilities along a series, and for the
-three-class X-ray evaluation one-vs-rest ROC curves, the bias audit chart and embedding scatter plots.
+"""Evaluation pictures: ROC curves, confusion matrices, and for the three-class X-ray evaluation one-vs-rest ROC
+curves, the bias audit chart and embedding scatter plots. (The per-prediction slice-probability chart is SVG:
+:mod:`lungsight.report.svg`.)
 
 Figures are drawn on matplotlib's ``Figure`` directly (Agg renderer, no pyplot, no display, no global state),
 so they are safe to make from a server thread. Each function writes one PNG and returns its path.
@@ -122,108 +123,6 @@ def plot_confusion(
     ax.set_ylabel("true")
     ax.set_title(title)
     return _save(fig, path)
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of True values."""
-    padded = np.concatenate(([0], mask.astype(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
-
-
-def plot_slice_probabilities(
-    probs: ArrayLike,
-    selected_mask: ArrayLike,
-    slice_threshold: float,
-    path: str | Path,
-    labels: ArrayLike | None = None,
-    title: str = "Per-slice COVID-19 probability",
-) -> Path:
-    """Per-slice positive-class probability along the series (anatomical order) with the slice threshold.
-
-    Selected slices are drawn in colour (red at or above the threshold); slices dropped by slice selection are
-    shaded grey, with their probability as grey dots where one was computed (NaN means none). ``labels``, when
-    given, are per-slice ground-truth labels (0/1); positive ones are marked by a strip under the curve.
-    """
-    p = np.asarray(probs, dtype=float)
-    sel = np.asarray(selected_mask, dtype=bool)
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"probs must be a non-empty 1-D array, got shape {p.shape}")
-    if sel.shape != p.shape:
-        raise ValueError(f"selected_mask must have shape {p.shape} like probs, got {sel.shape}")
-    x = np.arange(p.size)
-    finite = np.isfinite(p)
-
-    width, height = max(FIGSIZE[0], min(10.0, 3.0 + p.size / 40)), FIGSIZE[1]
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    # Fixed margins in inches (title above; axis label and a one- or two-row legend below) instead of a tight
-    # crop: this plot is drawn for every prediction, and the crop would render it twice.
-    fig.subplots_adjust(left=0.62 / width, right=1 - 0.2 / width, top=1 - 0.32 / height, bottom=1.0 / height)
-    ax = fig.subplots()
-    for k, (a, b) in enumerate(_runs(~sel)):
-        ax.axvspan(a - 0.5, b - 0.5, color="0.88", zorder=0, label="dropped by slice selection" if k == 0 else None)
-    dropped = ~sel & finite
-    if dropped.any():
-        ax.plot(x[dropped], p[dropped], linestyle="none", marker="o", markersize=3, color="0.55")
-    kept = sel & finite
-    if kept.any():
-        y_line = np.where(sel, p, np.nan)
-        ax.plot(x, y_line, color="tab:blue", linewidth=1.2, zorder=2)
-        pos = kept & (p >= slice_threshold)
-        neg = kept & ~(p >= slice_threshold)
-        ax.plot(
-            x[neg],
-            p[neg],
-            linestyle="none",
-            marker="o",
-            markersize=3.5,
-            color="tab:blue",
-            zorder=3,
-            label="selected slice",
-        )
-        ax.plot(
-            x[pos],
-            p[pos],
-            linestyle="none",
-            marker="o",
-            markersize=4,
-            color="tab:red",
-            zorder=3,
-            label="selected, positive",
-        )
-    ax.axhline(
-        slice_threshold,
-        color="tab:red",
-        linestyle="--",
-        linewidth=1,
-        label=f"slice threshold {slice_threshold:g}",
-    )
-    ymin = -0.02
-    if labels is not None:
-        lab = np.asarray(labels)
-        if lab.shape != p.shape:
-            raise ValueError(f"labels must have shape {p.shape} like probs, got {lab.shape}")
-        ymin = -0.12
-        for k, (a, b) in enumerate(_runs(lab.astype(bool))):
-            ax.fill_between(
-                [a - 0.5, b - 0.5],
-                -0.10,
-                -0.05,
-                color="tab:orange",
-                linewidth=0,
-                label="labelled positive" if k == 0 else None,
-            )
-    ax.set_xlim(-0.5, p.size - 0.5)
-    ax.set_ylim(ymin, 1.02)
-    ax.set_xlabel("slice index (anatomical order)")
-    ax.set_ylabel("P(COVID-19)")
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize="x-small", frameon=False)
-    return _save(fig, path, tight=False)
-
-
-# ---------------------------------------------------------------- multi-class, bias audit and embedding pictures
 
 
 def plot_multiclass_roc(

@@ -1,4 +1,4 @@
-"""Writing a prediction to disk: result.json, overlays/, slice_probabilities.png and report.html.
+"""Writing a prediction to disk: result.json, overlays/, slice_probabilities.svg (CT) and report.html.
 
 Only these names inside ``out_dir`` are written (atomically); nothing else in the folder is touched.
 """
@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lungsight.evaluate.plots import plot_slice_probabilities
 from lungsight.explain.overlay import save_overlay
-from lungsight.fileio import atomic_write_json, ensure_dir
+from lungsight.fileio import atomic_write_json, atomic_write_text, ensure_dir
 from lungsight.report.html import write_report
+from lungsight.report.svg import slice_chart
 
 DISPLAY_MIN = 256
+CHART_NAME = "slice_probabilities.svg"
 
 if TYPE_CHECKING:
     from lungsight.inference.detector import Prediction
@@ -60,18 +61,8 @@ def write_outputs(pred: Prediction, out_dir: Path) -> Path:
         save_overlay(slice01, cam, out_dir / rel, caption=caption, mask_outline=mask)
         overlays.append({"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra})
     result["overlays"] = overlays
-    if xray:
-        atomic_write_json(out_dir / "result.json", result)
-        return write_report(result, out_dir)
-    sp = result["slice_probabilities"]
-    probs = np.array([np.nan if s["p"] is None else s["p"] for s in sp], dtype=float)
-    selected = np.array([s["selected"] for s in sp], dtype=bool)
-    plot_path = plot_slice_probabilities(
-        probs,
-        selected,
-        result["decision"]["params"]["slice_threshold"],
-        out_dir / "slice_probabilities.png",
-        title="Per-slice probability",
-    )
+    chart = slice_chart(result)  # None for an X-ray
+    if chart is not None:
+        atomic_write_text(out_dir / CHART_NAME, chart)
     atomic_write_json(out_dir / "result.json", result)
-    return write_report(result, out_dir, figures={"Slice probabilities": plot_path})
+    return write_report(result, out_dir)

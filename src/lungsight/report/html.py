@@ -1,7 +1,8 @@
 """A self-contained, printable HTML report of one prediction (the ``result.json`` dict).
 
-Every image is embedded as a base64 data URI and the CSS is inline: the page needs no network, no JavaScript
-and no other file. All text from the result is HTML-escaped. Sections whose keys are missing are left out.
+Every image is embedded as a base64 data URI, the slice-probability chart as inline SVG, and the CSS is inline:
+the page needs no network, no JavaScript and no other file. All text from the result is HTML-escaped. Sections
+whose keys are missing are left out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.fileio import atomic_write_text, ensure_dir
+from lungsight.report.svg import slice_chart
 
 REPORT_NAME = "report.html"
 
@@ -65,14 +67,9 @@ tr.used td { font-weight: 600; background: #f0f4ff; }
 dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 6px 0; }
 dl.kv dt { color: var(--muted); }
 dl.kv dd { margin: 0; }
-.strip { display: flex; align-items: flex-end; gap: 1px; height: 72px; border-bottom: 1px solid var(--ink);
-  margin: 8px 0 2px; }
-.strip span { flex: 1 1 0; min-width: 1px; background: #3b82f6; }
-.strip span.dropped { background: #cbd2d9; }
 .legend { color: var(--muted); font-size: .9em; }
-.legend i { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 10px; background: #3b82f6; }
-.legend i.dropped { background: #cbd2d9; }
 figure { margin: 8px 0; }
+.chart svg { max-width: 100%; height: auto; display: block; border: 1px solid var(--line); }
 figure img { max-width: 100%; height: auto; display: block; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: .9em; margin-top: 4px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 12px; }
@@ -246,18 +243,10 @@ def _slices(result: dict) -> str:
         items += [(str(k).replace("_", " ").capitalize(), v) for k, v in selection.items()]
         out.append(_kv(items))
     if probs:
-        dropped_attr = ' class="dropped"'
-        bars = "".join(
-            f"<span{'' if s.get('selected', True) else dropped_attr} "
-            f'style="height:{100 * min(max(_num(s["p"]) or 0.0, 0.0), 1.0):.1f}%" '
-            f'title="{_a(s.get("label", s.get("index", "")))}: p = {_a(_fmt(s["p"]))}"></span>'
-            for s in probs
-        )
+        chart = slice_chart(result, standalone=False)
         out.append(
-            f'<div class="strip" aria-label="slice probabilities">{bars}</div>'
-            '<div class="legend">Probability of the positive class per slice, in series order '
-            "(bar height 0–1):"
-            '<i></i>selected<i class="dropped"></i>dropped</div>'
+            f'<figure class="chart">{chart}<figcaption>Probability of the positive class per slice, in series '
+            "order (hover a point for its slice).</figcaption></figure>"
         )
     return "".join(out)
 

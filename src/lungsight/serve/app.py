@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.errors import LungsightError
+from lungsight.inference.outputs import CHART_NAME
 from lungsight.inference.route import settle_image_modality
 from lungsight.serve.jobs import Job, JobQueue, QueueFull, status_for
 from lungsight.serve.routing import ModelPool, choose_modality, model_for
@@ -124,7 +125,7 @@ class Service:
         the next ones (models are otherwise loaded when first needed)."""
         try:
             self.pool.get(self.settings.ct_model)
-            importlib.import_module("lungsight.inference.outputs")  # matplotlib and the report writer
+            importlib.import_module("lungsight.inference.outputs")  # the overlay and report writers
         except LungsightError as exc:
             logger.warning("CT model %r is not available: %s", self.settings.ct_model, exc)
 
@@ -302,8 +303,8 @@ def _api(service: Service) -> APIRouter:
 
     @router.get("/studies/{job_id}/plot")
     def plot(job_id: str) -> FileResponse:
-        """The slice-probability plot (PNG)."""
-        return FileResponse(service.result_file(_job_id(job_id), "slice_probabilities.png"), media_type="image/png")
+        """The slice-probability chart of a CT study (SVG)."""
+        return FileResponse(service.result_file(_job_id(job_id), CHART_NAME), media_type="image/svg+xml")
 
     @router.get("/studies/{job_id}/overlays/{name}")
     def overlay(job_id: str, name: str) -> FileResponse:

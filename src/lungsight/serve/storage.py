@@ -2,7 +2,7 @@
 
 ``<data_dir>/work/<job>/`` holds an upload only while it is being read (it is deleted right after, whatever
 happened); ``<data_dir>/results/<job>/`` holds the de-identified outputs (result.json, report.html, overlays/,
-slice_probabilities.png) until they are older than the retention time. A result folder is written under a
+slice_probabilities.svg) until they are older than the retention time. A result folder is written under a
 hidden name and renamed into place, so a reader never sees half a result. At start, every leftover work folder
 (from a crash) and every hidden partial result is deleted along with expired results.
 """
