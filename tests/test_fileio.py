@@ -7,6 +7,7 @@ import errno
 import pytest
 
 from lungsight.errors import OutputError
+from lungsight.examples import EXAMPLE_CT
 from lungsight.fileio import atomic_write, atomic_write_text
 
 
@@ -48,7 +49,6 @@ def test_an_interrupt_is_not_turned_into_an_output_error(tmp_path):
 
 def test_an_output_folder_that_is_a_file_is_refused_without_touching_it(tmp_path, capsys):
     from lungsight.cli import main
-    from lungsight.examples import EXAMPLE_CT
 
     taken = atomic_write_text(tmp_path / "notes.txt", "the user's notes")
     assert main(["predict", str(EXAMPLE_CT), "--out", str(taken)]) == OutputError.exit_code == 4
@@ -59,3 +59,25 @@ def test_an_output_folder_that_is_a_file_is_refused_without_touching_it(tmp_path
     assert err.startswith(f"lungsight: error: {taken / 'sub'}: cannot create the output folder") and "\n" not in err
     assert taken.read_text() == "the user's notes"
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_overlay_write_stops_the_prediction_with_its_reason(tmp_path, monkeypatch):
+    """The overlays are encoded in parallel; an error in any of them still reaches the caller as one line, and no
+    result.json claims the prediction was written."""
+    import lungsight
+    from lungsight.explain import overlay
+
+    pred = lungsight.Detector.from_pretrained("ct-default").predict(lungsight.load_study(EXAMPLE_CT), top_k=3)
+    real = overlay.Image.Image.save
+    calls = []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(overlay.Image.Image, "save", save)
+    with pytest.raises(OutputError, match="No space left"):
+        pred.save(tmp_path / "out")
+    assert len(calls) == 3 and not (tmp_path / "out" / "result.json").exists()

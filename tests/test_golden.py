@@ -72,3 +72,26 @@ def test_batch_apis_agree_with_predict(detector, shared_data):
     p_pos = [s["p"] for s in result["slice_probabilities"]]
     np.testing.assert_allclose(detector.slice_probabilities(unit, batch_size=7)[:, -1], p_pos, atol=1e-5)
     np.testing.assert_allclose(detector.image_probabilities(list(unit[:3]))[:, -1], p_pos[:3], atol=1e-5)
+
+
+def test_one_pass_explanation_matches_a_separate_grad_cam(detector):
+    """predict classifies and explains in one pass (Grad-CAM's backward runs beside the classifying forward); its
+    probabilities must be those of the plain forward and its maps those of a separate Grad-CAM of the same slices."""
+    import numpy as np
+
+    from lungsight.preprocess.window import to_unit
+
+    study = lungsight.load_study(EXAMPLE_CT)
+    explained = detector.predict(study, top_k=3, batch_size=5)
+    plain = detector.predict(study, explain=False)
+    got = [s["p"] for s in explained.result["slice_probabilities"]]
+    want = [s["p"] for s in plain.result["slice_probabilities"]]
+    assert [g is None for g in got] == [w is None for w in want]
+    np.testing.assert_allclose([g for g in got if g is not None], [w for w in want if w is not None], atol=1e-5)
+    top = [ev.index for ev in explained.evidence]
+    kept_p = {s["index"]: s["p"] for s in plain.result["slice_probabilities"] if s["selected"]}
+    assert top == sorted(kept_p, key=lambda i: -kept_p[i])[:3]  # the most suspicious kept slices, in order
+    reference = detector.explain(to_unit(study.pixels[top], study.intensity, tuple(detector.config["window"])))
+    for ev, ref in zip(explained.evidence, reference, strict=True):
+        assert ev.cam.shape == ref.shape and ev.cam.max() > 0.9
+        np.testing.assert_allclose(ev.cam, ref, atol=1e-4)

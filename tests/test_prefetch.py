@@ -41,3 +41,29 @@ def test_an_error_while_preparing_reaches_the_caller():
         list(_prefetched(prepare, [0, 1, 2, 3]))
     assert list(_prefetched(prepare, [5])) == [(5, 5)]
     assert list(_prefetched(prepare, [])) == []
+
+
+def test_without_a_spare_core_the_batches_are_prepared_in_turn():
+    threads = []
+
+    def prepare(chunk: int) -> int:
+        threads.append(threading.current_thread().name)
+        return chunk
+
+    assert list(_prefetched(prepare, [0, 1, 2], ahead=False)) == [(0, 0), (1, 1), (2, 2)]
+    assert set(threads) == {threading.current_thread().name}
+    threads.clear()
+    list(_prefetched(prepare, [0, 1, 2]))
+    assert all(name.startswith("lungsight-prep") for name in threads)
+
+
+def test_spare_core_compares_torch_threads_with_the_usable_cores(monkeypatch):
+    import torch
+
+    from lungsight import cores
+
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cores.usable_cores() == 2 and not cores.spare_core()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cores.spare_core()

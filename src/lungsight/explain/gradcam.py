@@ -49,6 +49,17 @@ class GradCAM:
 
         ``class_idx`` is one class for the whole batch or one class per image.
         """
+        _, raw = self.logits_and_maps(x, class_idx)
+        return finish_maps(raw, tuple(x.shape[-2:]))
+
+    def logits_and_maps(self, x: Tensor, class_idx: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """One forward pass that classifies and explains: the logits (N, C), detached, and the raw maps
+        ReLU(sum_k w_k A_k) at the target layer's resolution (N, h, w), before upsampling and normalisation.
+
+        A predictor can so classify a whole series and keep the raw maps (a few hundred bytes a slice), then
+        finish only the ones it shows with :func:`finish_maps`, with no second pass through the network. The
+        maps do not depend on the batch (in eval mode every image is its own computation).
+        """
         if self._handle is None:
             raise RuntimeError("GradCAM has been closed")
         if torch.is_inference_mode_enabled():
@@ -86,13 +97,9 @@ class GradCAM:
         activation = activation.detach()
         if activation.ndim != 4:
             raise ValueError(f"target layer output must be (N, K, h, w), got shape {tuple(activation.shape)}")
-
         weights = gradient.float().mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * activation.float()).sum(dim=1, keepdim=True))
-        cam = F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
-        peak = cam.amax(dim=(1, 2), keepdim=True)
-        cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
-        return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+        raw = F.relu((weights * activation.float()).sum(dim=1))
+        return logits.detach(), raw
 
     def close(self) -> None:
         """Remove the hooks from the target layer."""
@@ -107,6 +114,15 @@ class GradCAM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def finish_maps(raw: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Raw maps (N, h, w) from :meth:`GradCAM.logits_and_maps` -> float32 maps (N, H, W) in [0, 1]: upsampled
+    bilinearly to ``size`` and divided by each map's maximum (an all-zero map stays zero)."""
+    cam = F.interpolate(raw[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+    return cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
 
 
 def cam_energy_inside(cam: np.ndarray, mask: np.ndarray) -> float | None:

@@ -5,6 +5,7 @@ Only these names inside ``out_dir`` are written (atomically); nothing else in th
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lungsight.cores import usable_cores
 from lungsight.explain.overlay import save_overlay
 from lungsight.fileio import atomic_write_json, atomic_write_text, ensure_dir
 from lungsight.report.html import write_report
@@ -21,7 +23,7 @@ DISPLAY_MIN = 256
 CHART_NAME = "slice_probabilities.svg"
 
 if TYPE_CHECKING:
-    from lungsight.inference.detector import Prediction
+    from lungsight.inference.detector import Evidence, Prediction
 
 
 def _display_size(slice01: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,23 +46,38 @@ def _display_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(m, size=shape, mode="nearest")[0, 0].numpy() > 0.5
 
 
+def _write_overlay(ev: Evidence, path: Path, xray: bool) -> None:
+    slice01, cam = _display_size(ev.slice01, ev.cam)
+    mask = None if ev.mask is None else _display_mask(ev.mask, slice01.shape)
+    caption = f"{ev.label}  p({ev.label if xray else 'covid'})={ev.p:.3f}"
+    share = ev.extra.get("lung_share")
+    if share is not None:
+        caption += f"  evidence in lungs {100 * share:.0f}%"
+    save_overlay(slice01, cam, path, caption=caption, mask_outline=mask)
+
+
 def write_outputs(pred: Prediction, out_dir: Path) -> Path:
-    """Write every output of ``pred`` into ``out_dir``; returns the path of report.html."""
+    """Write every output of ``pred`` into ``out_dir``; returns the path of report.html.
+
+    The overlays are encoded in parallel (PNG compression releases the GIL and the model is idle by now): on 2
+    cores this halves their cost, which was most of the time spent writing a CT prediction.
+    """
     ensure_dir(out_dir)
     result = pred.result
-    overlays = []
     xray = "slice_probabilities" not in result
-    for ev in pred.evidence:
-        rel = f"overlays/{'xray' if xray else 'slice'}_{ev.index:04d}.png"
-        slice01, cam = _display_size(ev.slice01, ev.cam)
-        mask = None if ev.mask is None else _display_mask(ev.mask, slice01.shape)
-        caption = f"{ev.label}  p({ev.label if xray else 'covid'})={ev.p:.3f}"
-        share = ev.extra.get("lung_share")
-        if share is not None:
-            caption += f"  evidence in lungs {100 * share:.0f}%"
-        save_overlay(slice01, cam, out_dir / rel, caption=caption, mask_outline=mask)
-        overlays.append({"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra})
-    result["overlays"] = overlays
+    names = [f"overlays/{'xray' if xray else 'slice'}_{ev.index:04d}.png" for ev in pred.evidence]
+    workers = min(len(names), usable_cores(), 4)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsight-png") as pool:
+            # list() waits for every overlay and raises the first error, as the loop below would
+            list(pool.map(lambda ev, rel: _write_overlay(ev, out_dir / rel, xray), pred.evidence, names))
+    else:
+        for ev, rel in zip(pred.evidence, names, strict=True):
+            _write_overlay(ev, out_dir / rel, xray)
+    result["overlays"] = [
+        {"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra}
+        for ev, rel in zip(pred.evidence, names, strict=True)
+    ]
     chart = slice_chart(result)  # None for an X-ray
     if chart is not None:
         atomic_write_text(out_dir / CHART_NAME, chart)
