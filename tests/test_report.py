@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lungsight.about import DISCLAIMER
 from lungsight.explain import save_overlay
@@ -96,22 +95,16 @@ def result(tmp_path: Path) -> dict:
     }
 
 
-def _figure(path: Path) -> Path:
-    Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 def test_report_is_self_contained(tmp_path: Path, result: dict) -> None:
-    fig = _figure(tmp_path / "plot.png")
-    path = write_report(result, tmp_path, figures={'Slice "probabilities" <plot>': fig})
+    path = write_report(result, tmp_path)
     assert path == tmp_path / "report.html" and path.is_file()
     text = path.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text
     assert 'src="overlays' not in text and "<script" not in text
-    assert text.count(DATA_PNG) == 3  # two overlays and one figure
-    assert len(re.findall(r"<img ", text)) == 3
+    assert text.count(DATA_PNG) == 2  # the two overlays
+    assert len(re.findall(r"<img ", text)) == 2
+    assert text.count("<svg") == 1 and "xmlns" not in text  # the slice chart, inline
     assert DISCLAIMER in text
-    assert "<plot>" not in text and 'alt="Slice &quot;probabilities&quot; &lt;plot&gt;"' in text
     assert "threshold-10" in text and ">covid<" in text
     for rule in ("threshold-0", "consecutive", "mean"):
         assert rule in text

@@ -63,7 +63,7 @@ class Prediction:
         return self.result["probabilities"]
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write result.json, report.html, overlays/ and the slice-probability plot; returns the report's path."""
+        """Write result.json, report.html, overlays/ and the slice-probability chart; returns the report's path."""
         from lungsight.inference.outputs import write_outputs
 
         return write_outputs(self, Path(out_dir))

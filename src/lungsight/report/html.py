@@ -312,12 +312,6 @@ def _infection(result: dict, out_dir: Path) -> str:
     )
 
 
-def _figures(figures: Mapping[str, Path] | None) -> str:
-    if not figures:
-        return ""
-    return "<h2>Figures</h2>" + "".join(_figure(Path(p), str(c)) for c, p in figures.items())
-
-
 def _overlays(result: dict, out_dir: Path) -> str:
     items = [_d(o) for o in _l(result.get("overlays"))]
     if not items:
@@ -397,7 +391,7 @@ def _timings(result: dict) -> str:
     return f"<h2>Timings</h2><table>{head}<tbody>{rows}</tbody></table>"
 
 
-def render_report(result: dict, out_dir: Path, *, figures: Mapping[str, Path] | None = None) -> str:
+def render_report(result: dict, out_dir: Path) -> str:
     """HTML text of the report; overlay files are resolved relative to ``out_dir``."""
     result = _d(result)
     out_dir = Path(out_dir)
@@ -417,7 +411,6 @@ def render_report(result: dict, out_dir: Path, *, figures: Mapping[str, Path] | 
         _probabilities(result),
         _evidence(result),
         _slices(result),
-        _figures(figures),
         _overlays(result, out_dir),
         _infection(result, out_dir),
         _input(result),
@@ -434,14 +427,11 @@ def render_report(result: dict, out_dir: Path, *, figures: Mapping[str, Path] | 
     )
 
 
-def write_report(result: dict, out_dir: Path, *, figures: dict[str, Path] | None = None) -> Path:
-    """Write ``out_dir/report.html`` (self-contained, atomic) for a ``result.json`` dict; returns its path.
-
-    ``figures`` maps a caption to a PNG (or JPEG) file to embed, e.g. the slice-probability plot.
-    """
+def write_report(result: dict, out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` (self-contained, atomic) for a ``result.json`` dict; returns its path."""
     out_dir = Path(out_dir)
     ensure_dir(out_dir)
-    text = render_report(result, out_dir, figures=figures)
+    text = render_report(result, out_dir)
     return atomic_write_text(out_dir / REPORT_NAME, text)
 
 
