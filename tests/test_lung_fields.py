@@ -315,6 +315,7 @@ def test_unet_learns_pseudo_labels_resumes_and_loads_as_a_drop_in(
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, 15))
 
     assert summary["n_train"] == 20 and summary["n_val"] == 4
+    assert summary["split"] == "by image" and len(summary["held_out_images"]) == 4
     assert summary["best_val_dice"] > max(0.65, summary["baseline_all_lung_dice"] + 0.25), summary
 
     segmenter = lf.load_segmenter(summary["model"])

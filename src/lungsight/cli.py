@@ -231,6 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--target", choices=["lung", "infection"], default="lung", help="what the masks are (nifti)")
     st.add_argument("--masks", help="nifti, one volume: mask volume, folder of them (union), or 'hu' (derived)")
     st.add_argument("--val-fraction", type=float, default=0.15, help="held out (nifti: a contiguous slab per volume)")
+    st.add_argument(
+        "--groups",
+        help="X-rays: CSV with file and patientid/patient_id columns (e.g. Cohen's metadata.csv): hold out patients",
+    )
     st.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy cores)")
     st.add_argument("--early-stop", type=int, default=10, help="stop after N epochs without a better Dice")
     st.add_argument("--out", type=Path, required=True, help="run folder (model.safetensors is written there)")
@@ -242,6 +246,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--max-images", type=int, help="use only the first N pairs (quick checks)")
     st.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    se = ssub.add_parser("evaluate", help="score a lung segmenter against manual X-ray masks: Dice, IoU, worst cases")
+    se.add_argument("--data", type=Path, required=True, help="X-rays with manual lung masks (segment train's layouts)")
+    se.add_argument("--layout", choices=["auto", "montgomery", "shenzhen", "jsrt", "pairs"], default="auto")
+    se.add_argument("--model", default="classical", help="'classical' (default) or a lung U-Net .safetensors file")
+    se.add_argument("--held-out", type=Path, help="a 'segment train' run folder: score only the X-rays it held out")
+    se.add_argument("--worst", type=int, default=12, help="images drawn in worst_cases.png (default 12)")
+    se.add_argument("--out", type=Path, required=True, help="folder for agreement.csv, summary.json, worst_cases.png")
     sa = ssub.add_parser("apply", help="segment the lungs of one frontal X-ray: mask PNG, overlay PNG, JSON")
     sa.add_argument("input", type=Path, help="X-ray image or DICOM file")
     sa.add_argument("--out", type=Path, required=True, help="folder for lung_mask.png, lung_overlay.png, .json")
@@ -556,6 +567,39 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment_evaluate(args: argparse.Namespace) -> int:
+    from lungsight.evaluate.masks import evaluate_segmenter, held_out_images, worst_cases_sheet
+    from lungsight.fileio import atomic_write_csv, atomic_write_json, ensure_dir
+    from lungsight.preprocess.lung_fields import load_segmenter
+    from lungsight.train.segmentation import discover_pairs
+
+    segmenter = load_segmenter(args.model)
+    layout, pairs, skipped = discover_pairs(args.data, args.layout)
+    if args.held_out is not None:
+        names = held_out_images(args.held_out)
+        pairs = [p for p in pairs if p.image.name in names]
+        if not pairs:
+            raise InputError(f"{args.held_out}: none of its held-out X-rays is in {args.data}")
+    ensure_dir(args.out)
+    print(f"{layout} layout: {len(pairs)} X-rays with manual masks ({skipped} without a mask left out)", flush=True)
+    rows, summary, worst = evaluate_segmenter(segmenter, pairs, keep_worst=max(args.worst, 0))
+    summary |= {"data_layout": layout, "held_out_of": str(args.held_out) if args.held_out else None}
+    atomic_write_csv(args.out / "agreement.csv", rows)
+    atomic_write_json(args.out / "summary.json", summary)
+    if worst:
+        worst_cases_sheet(worst, args.out / "worst_cases.png")
+    d, t, a = summary["dice"], summary["baselines"]["template_dice"], summary["baselines"]["all_lung_dice"]
+    print(
+        f"{segmenter.name} on {summary['n_images']} X-rays: Dice mean {d['mean']:.3f}, median {d['median']:.3f}, "
+        f"5th percentile {d['p5']:.3f}; IoU mean {summary['iou']['mean']:.3f}; baselines: template alone "
+        f"{t['mean']:.3f}, all-lung mask {a['mean']:.3f}"
+    )
+    for method, part in summary["by_method"].items():
+        print(f"  {method:9s} {part['n']:4d} X-rays, Dice mean {part['dice']['mean']:.3f}")
+    print(f"written: {args.out / 'agreement.csv'}, summary.json{', worst_cases.png' if worst else ''}")
+    return 0
+
+
 def _segment(args: argparse.Namespace) -> int:
     if args.segment_command == "train":
         from lungsight.train.segmentation import SegTrainConfig, train_segmentation
@@ -575,11 +619,14 @@ def _segment(args: argparse.Namespace) -> int:
             target=args.target,
             masks=args.masks,
             val_fraction=args.val_fraction,
+            groups=None if args.groups is None else str(args.groups),
             threads=args.threads,
             early_stop=args.early_stop,
         )
         train_segmentation(cfg, resume=args.resume)
         return 0
+    if args.segment_command == "evaluate":
+        return _segment_evaluate(args)
     from lungsight.preprocess.lung_fields import load_segmenter, segment_file
 
     detail = segment_file(args.input, load_segmenter(args.model), args.out)

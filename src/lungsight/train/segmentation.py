@@ -32,8 +32,10 @@ The images are read with :func:`lungsight.load_study` (PNG, JPEG, TIFF, DICOM) a
 (256 px: 0.25 MB each). Loss: Dice + binary cross-entropy (MONAI ``DiceCELoss``); Adam, learning rate 1e-4, halved
 when the validation Dice has not improved for 3 epochs (``ReduceLROnPlateau``); stop after 10 epochs without
 improvement. Light augmentation: rotation +/-10 degrees, shift 5 %, zoom 10 %, brightness and contrast +/-10 %.
-For X-rays a random 15 % of the images (at least one) is held out, for volumes the slabs above; the Dice on the
-held-out images is reported every epoch, next to the Dice of the trivial all-ones mask (the empty mask scores 0).
+For X-rays a random 15 % of the images (at least one) is held out - of the patients, when ``groups`` names a CSV
+that gives each image's patient (``file`` and ``patientid`` or ``patient_id`` columns, such as the Cohen collection's
+``metadata.csv``), so that no patient is on both sides -, for volumes the slabs above; the Dice on the held-out
+images is reported every epoch, next to the Dice of the trivial all-ones mask (the empty mask scores 0).
 ``encoder="xception"`` trains paper 003's Xception-encoder U-Net instead of MONAI's.
 
 Run folder (``out``)::
@@ -44,11 +46,12 @@ Run folder (``out``)::
     history.csv        one row per epoch: train loss, validation Dice, learning rate, seconds
     model.safetensors  the best model, written at the end: ``lungsight segment apply --model`` or
                        ``load_segmenter(path)`` use it
-    summary.json
+    summary.json       the figures, and which images (X-rays) or slabs (volumes) were held out
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 import time
@@ -310,13 +313,20 @@ def _read(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read ({exc})") from None
 
 
-def read_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(equalised image, lung mask), both ``(size, size)``: the U-Net's input (in [0, 1]) and its target."""
+def read_image_and_mask(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+    """(grey image in [0, 1], lung mask) at the image's own size: the mask is the union of the pair's mask files,
+    each taken as lung above half its maximum and resized to the image when its size differs (:func:`resize_mask`)."""
     image = _read(pair.image)
     mask = np.zeros(image.shape, dtype=bool)
     for path in pair.masks:
         m = _read(path)
         mask |= resize_mask(m > 0.5 * max(float(m.max()), 1e-6), image.shape)
+    return image, mask
+
+
+def read_pair(pair: Pair, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(equalised image, lung mask), both ``(size, size)``: the U-Net's input (in [0, 1]) and its target."""
+    image, mask = read_image_and_mask(pair)
     return unet_image(image, size), resize_mask(mask, (size, size))
 
 
@@ -369,6 +379,7 @@ class SegTrainConfig:
     target: str = "lung"
     masks: str | None = None
     slab_gap: int = 1
+    groups: str | None = None
     threads: int | None = None
     command: str = field(default_factory=lambda: " ".join(["lungsight", *sys.argv[1:]]))
 
@@ -387,7 +398,7 @@ class SegTrainConfig:
 
 _RESUME_KEYS = (
     *("data", "layout", "epochs", "batch_size", "lr", "input_size", "channels", "num_res_units", "seed"),
-    *("encoder", "target", "masks", "slab_gap"),
+    *("encoder", "target", "masks", "slab_gap", "groups"),
 )
 
 
@@ -414,13 +425,49 @@ def validation_dice(model: torch.nn.Module, images: torch.Tensor, masks: torch.T
     return float(compute_dice(pred, masks[:, None], include_background=True, ignore_empty=False).mean())
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices: a seeded random ``val_fraction`` (at least one image) held out."""
+def split_indices(
+    n: int, val_fraction: float, seed: int, groups: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices: a seeded random ``val_fraction`` (at least one) held out - of the images, or of
+    the patients when ``groups`` gives each image's patient, so that a patient's images stay on one side."""
     if n < 2:
         raise InputError(f"need at least two image+mask pairs to train and validate, found {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    labels = np.arange(n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_groups = int(labels.max()) + 1
+    if n_groups < 2:
+        raise InputError(f"need images of at least two patients to train and validate, found {n_groups}")
+    order = np.random.default_rng(seed).permutation(n_groups)
+    n_val = min(n_groups - 1, max(1, round(val_fraction * n_groups)))
+    held = np.isin(labels, order[:n_val])
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def read_groups(path: Path, pairs: list[Pair]) -> tuple[list[str], int]:
+    """Each pair's patient from a CSV with a ``file`` column and a ``patientid`` or ``patient_id`` column (matched by
+    file name, or by name without extension); an image the CSV does not list is a patient of its own. Returns
+    the patients and how many images were not listed."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = set(reader.fieldnames or ())
+            key = next((k for k in ("patientid", "patient_id") if k in fields), None)
+            if "file" not in fields or key is None:
+                raise InputError(f"{path}: needs a 'file' column and a 'patientid' or 'patient_id' column")
+            by_name: dict[str, str] = {}
+            for row in reader:
+                name = Path(row["file"] or "").name
+                by_name.setdefault(name, row[key])
+                by_name.setdefault(Path(name).stem, row[key])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read the patients' CSV ({exc})") from None
+    groups, unlisted = [], 0
+    for pair in pairs:
+        patient = by_name.get(pair.image.name, by_name.get(pair.image.stem))
+        if patient is None:
+            unlisted += 1
+            patient = f"unlisted:{pair.image.name}"
+        groups.append(f"patient:{patient}")
+    return groups, unlisted
 
 
 def _load_volumes(cfg: SegTrainConfig) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[dict[str, Any]]]:
@@ -458,7 +505,10 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     held_out: list[dict[str, Any]] = []
+    held_out_images: list[str] = []
     if cfg.layout == "nifti":
+        if cfg.groups:
+            raise InputError("--groups is for X-ray layouts; CT volumes are split into slabs within each volume")
         layout, skipped = "nifti", 0
         images, masks, groups, volumes = _load_volumes(cfg)
         train_idx, val_idx = split_slabs(groups, cfg.val_fraction, cfg.seed, cfg.slab_gap)
@@ -475,12 +525,17 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
         layout, pairs, skipped = discover_pairs(Path(cfg.data), cfg.layout)
         if cfg.max_images:
             pairs = pairs[: cfg.max_images]
-        train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, cfg.seed)
+        groups, unlisted = read_groups(Path(cfg.groups), pairs) if cfg.groups else (None, 0)
+        train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, cfg.seed, groups)
+        held_out_images = [pairs[i].image.name for i in val_idx]
         n_pairs = len(pairs)
         out = _prepare_run(cfg, resume)
+        by = ""
+        if groups is not None:
+            by = f" by patient ({len(set(groups))} patients, {unlisted} images not in {Path(cfg.groups).name})"
         print(
             f"{layout} layout: {len(pairs)} image+mask pairs ({skipped} images without a mask skipped); "
-            f"train {len(train_idx)} / validation {len(val_idx)}; U-Net ({cfg.encoder}) at {cfg.input_size}px",
+            f"train {len(train_idx)} / validation {len(val_idx)}{by}; U-Net ({cfg.encoder}) at {cfg.input_size}px",
             flush=True,
         )
         images, masks = _load_all(pairs, cfg.input_size)
@@ -571,6 +626,9 @@ def train_segmentation(cfg: SegTrainConfig, *, resume: bool = False) -> dict[str
     }
     if held_out:
         summary["held_out"] = held_out
+    if held_out_images:
+        summary["held_out_images"] = held_out_images
+        summary["split"] = "by patient" if cfg.groups else "by image"
     atomic_write_json(out / "summary.json", summary)
     print(f"model written to {out / 'model.safetensors'} (validation Dice {st['best_dice']:.3f})", flush=True)
     return summary
