@@ -340,7 +340,7 @@ def test_cli_segment_apply_writes_mask_overlay_and_json(
 ) -> None:
     path = frontal_files(shared_data)[0]
     out = tmp_path / "out"
-    assert main(["segment", "apply", str(path), "--out", str(out)]) == 0
+    assert main(["segment", "apply", str(path), "--out", str(out), "--model", "classical"]) == 0
     assert "lungs by classical" in capsys.readouterr().out
     image = read01(path)
     mask = np.asarray(Image.open(out / "lung_mask.png"))
@@ -364,3 +364,50 @@ def test_cli_segment_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err.strip()
     assert "no known image+mask layout" in err and not (tmp_path / "run").exists()
     assert main(["segment", "apply", str(bad), "--out", str(out), "--model", str(tmp_path / "nope.safetensors")]) == 3
+
+
+def test_bundled_lung_unet_is_the_segment_default_and_finds_plausible_lungs(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """xr-lungs (a U-Net trained on V7 Labs' manual masks, held-out Dice 0.947 in its model card) is what
+    ``segment apply`` uses unless told otherwise; on real frontal X-rays of both sources its masks are plausible
+    and cover the lung fields as V7 draws them (about 26-50 % of the frame)."""
+    segmenter = lf.load_segmenter("xr-lungs")
+    assert isinstance(segmenter, UNetSegmenter) and segmenter.name == "xr-lungs" and segmenter.size == 256
+    for path in frontal_files(shared_data, every=60):
+        detail = lf.segment_detail(segmenter, read01(path))
+        assert detail.method == "unet", (path.name, detail.note)
+        assert 0.2 < detail.mask.mean() < 0.55 and detail.quality["n_components"] == 2
+    path = frontal_files(shared_data)[0]
+    assert main(["segment", "apply", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "lungs by xr-lungs" in capsys.readouterr().out
+    assert '"segmenter": "xr-lungs"' in (tmp_path / "out" / "lung_mask.json").read_text()
+
+
+def test_a_segmenter_is_not_a_classifier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lungsight.examples import EXAMPLE_CT
+
+    assert main(["predict", str(EXAMPLE_CT), "--model", "xr-lungs", "--out", str(tmp_path / "out")]) == 3
+    assert "lung segmentation model, not a classifier" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelError, match="not found"):
+        lf.load_segmenter("no-such-segmenter")
+
+
+def test_segmenter_fingerprint_changes_with_the_file(tmp_path: Path) -> None:
+    """The X-ray cache is keyed on the segmenter's fingerprint, so a retrained U-Net at the same path is not
+    served the old masks."""
+    import json
+    import shutil
+
+    from lungsight.models.pretrained import BUNDLED
+
+    assert lf.segmenter_fingerprint(None) == lf.segmenter_fingerprint("classical") == "classical"
+    recorded = json.loads((BUNDLED / "index.json").read_text())["xr-lungs"]["sha256"]
+    assert lf.segmenter_fingerprint("xr-lungs") == f"xr-lungs:{recorded}"
+    mine = tmp_path / "unet.safetensors"
+    shutil.copy(BUNDLED / "xr-lungs.safetensors", mine)
+    before = lf.segmenter_fingerprint(mine)
+    with open(mine, "ab") as f:
+        f.write(b"\0")
+    assert lf.segmenter_fingerprint(mine) != before

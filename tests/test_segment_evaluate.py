@@ -91,7 +91,10 @@ def test_cli_segment_evaluate_on_masks_it_knows(
     data = tmp_path / "data"
     kinds = _known_masks_folder(shared_data, data)
     out = tmp_path / "eval"
-    assert main(["segment", "evaluate", "--data", str(data), "--out", str(out), "--worst", "2"]) == 0
+    assert (
+        main(["segment", "evaluate", "--data", str(data), "--out", str(out), "--worst", "2", "--model", "classical"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "pairs layout: 4 X-rays with manual masks" in printed and "classical on 4 X-rays" in printed
     with open(out / "agreement.csv", newline="") as f:
@@ -117,7 +120,8 @@ def test_cli_segment_evaluate_on_masks_it_knows(
     (run / "summary.json").write_text(json.dumps({"held_out_images": [worst[0]]}))
     out2 = tmp_path / "eval2"
     assert main(["segment", "evaluate", "--data", str(data), "--held-out", str(run), "--out", str(out2)]) == 0
-    assert json.loads((out2 / "summary.json").read_text())["n_images"] == 1
+    summary2 = json.loads((out2 / "summary.json").read_text())
+    assert summary2["n_images"] == 1 and summary2["segmenter"] == "xr-lungs"  # the default
     (run / "summary.json").write_text(json.dumps({"held_out_images": ["elsewhere.png"]}))
     assert main(["segment", "evaluate", "--data", str(data), "--held-out", str(run), "--out", str(out2)]) == 2
     assert "none of its held-out X-rays" in capsys.readouterr().err

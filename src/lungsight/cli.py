@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         default="segmented",
         help="X-ray preprocessing after paper 004 (task cxr; default segmented)",
     )
-    p.add_argument("--segmenter", help="X-ray lung segmenter: a trained U-Net file (default: the classical one)")
+    p.add_argument(
+        "--segmenter", help="X-ray lung segmenter: 'xr-lungs' (bundled U-Net) or a U-Net file (default: classical)"
+    )
     p.add_argument(
         "--cache",
         type=Path,
@@ -249,14 +251,18 @@ def _parser() -> argparse.ArgumentParser:
     se = ssub.add_parser("evaluate", help="score a lung segmenter against manual X-ray masks: Dice, IoU, worst cases")
     se.add_argument("--data", type=Path, required=True, help="X-rays with manual lung masks (segment train's layouts)")
     se.add_argument("--layout", choices=["auto", "montgomery", "shenzhen", "jsrt", "pairs"], default="auto")
-    se.add_argument("--model", default="classical", help="'classical' (default) or a lung U-Net .safetensors file")
+    se.add_argument(
+        "--model", default="xr-lungs", help="'xr-lungs' (the bundled U-Net, default), 'classical' or a U-Net file"
+    )
     se.add_argument("--held-out", type=Path, help="a 'segment train' run folder: score only the X-rays it held out")
     se.add_argument("--worst", type=int, default=12, help="images drawn in worst_cases.png (default 12)")
     se.add_argument("--out", type=Path, required=True, help="folder for agreement.csv, summary.json, worst_cases.png")
     sa = ssub.add_parser("apply", help="segment the lungs of one frontal X-ray: mask PNG, overlay PNG, JSON")
     sa.add_argument("input", type=Path, help="X-ray image or DICOM file")
     sa.add_argument("--out", type=Path, required=True, help="folder for lung_mask.png, lung_overlay.png, .json")
-    sa.add_argument("--model", default="classical", help="'classical' (default) or a lung U-Net .safetensors file")
+    sa.add_argument(
+        "--model", default="xr-lungs", help="'xr-lungs' (the bundled U-Net, default), 'classical' or a U-Net file"
+    )
 
     p = sub.add_parser("experiment", help="the papers' recipes: run them, then one report (docs/bench.md)")
     esub = p.add_subparsers(dest="experiment_command", required=True)
@@ -629,9 +635,11 @@ def _segment(args: argparse.Namespace) -> int:
         return _segment_evaluate(args)
     from lungsight.preprocess.lung_fields import load_segmenter, segment_file
 
-    detail = segment_file(args.input, load_segmenter(args.model), args.out)
+    segmenter = load_segmenter(args.model)
+    detail = segment_file(args.input, segmenter, args.out)
+    by = "the template" if detail.method == "template" else segmenter.name
     print(
-        f"{args.input.name}: lungs by {detail.method}, {detail.mask.mean():.0%} of the image"
+        f"{args.input.name}: lungs by {by}, {detail.mask.mean():.0%} of the image"
         + (f"; {detail.note}" if detail.note else "")
     )
     print(f"written to {args.out}")

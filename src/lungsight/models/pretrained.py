@@ -110,6 +110,12 @@ def load_model(name_or_path: str | Path) -> tuple[nn.Module, dict[str, Any], Mod
     """(model in eval mode, its config, its entry) for a named model or a model file."""
     entry = resolve(name_or_path)
     state, config = read_checkpoint(entry.path)
+    if "classes" not in config:
+        what = str(config.get("task", "not a classifier")).replace("-", " ")
+        raise ModelError(
+            f"model {entry.name!r} is a {what} model, not a classifier: give it where a segmenter is asked for "
+            "(--segmenter, lungsight segment apply --model)"
+        )
     model = build_model(config["arch"], len(config["classes"]), input_size=config["input_size"])
     try:
         model.load_state_dict(state)

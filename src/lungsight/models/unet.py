@@ -186,9 +186,10 @@ class UNetSegmenter:
         self.preprocess = str(config.get("preprocess", "equalise"))
 
     @classmethod
-    def from_file(cls, path: Path) -> UNetSegmenter:
+    def from_file(cls, path: Path, name: str | None = None) -> UNetSegmenter:
+        """The segmenter of a lung U-Net file, named ``name`` (a bundled model's name) or ``unet:FILE``."""
         model, config = load_lung_unet(path)
-        return cls(model, config, name=f"unet:{Path(path).name}")
+        return cls(model, config, name=name or f"unet:{Path(path).name}")
 
     @torch.no_grad()
     def probabilities(self, image01: np.ndarray) -> np.ndarray:

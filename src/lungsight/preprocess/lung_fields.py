@@ -405,15 +405,36 @@ def default_segmenter() -> ClassicalSegmenter:
 
 
 def load_segmenter(name_or_path: str | Path | None) -> LungSegmenter:
-    """``None`` or ``"classical"`` -> the default; a path to a lung U-Net ``.safetensors`` -> its segmenter."""
+    """``None`` or ``"classical"`` -> the classical segmenter; the name of a bundled or imported lung U-Net
+    (``"xr-lungs"``, verified against its recorded SHA-256) or the path of a lung U-Net ``.safetensors`` file ->
+    that U-Net's segmenter."""
     if name_or_path is None or str(name_or_path) == "classical":
         return default_segmenter()
+    from lungsight.models.pretrained import list_models, resolve  # models sit above preprocess: imported when asked
+    from lungsight.models.unet import UNetSegmenter
+
     path = Path(name_or_path)
     if not path.is_file():
-        raise ModelError(f"{path}: lung segmenter not found (give 'classical' or a lung U-Net .safetensors file)")
-    from lungsight.models.unet import UNetSegmenter  # models sit above preprocess; imported only when asked for
-
+        if str(name_or_path) not in {e.name for e in list_models()}:
+            raise ModelError(
+                f"{path}: lung segmenter not found (give 'classical', 'xr-lungs' or a lung U-Net .safetensors file)"
+            )
+        return UNetSegmenter.from_file(resolve(str(name_or_path)).path, name=str(name_or_path))
     return UNetSegmenter.from_file(path)
+
+
+def segmenter_fingerprint(name_or_path: str | Path | None) -> str:
+    """What identifies a segmenter's masks: ``"classical"``, or a U-Net's name or path with its file's SHA-256 (a
+    retrained file under the same name or path gives other masks, so caches keyed on this are not reused)."""
+    if name_or_path is None or str(name_or_path) == "classical":
+        return "classical"
+    from lungsight.models.pretrained import resolve
+    from lungsight.models.weights import sha256_file
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = resolve(str(name_or_path)).path
+    return f"{name_or_path}:{sha256_file(path)}"
 
 
 def segment_detail(segmenter: LungSegmenter, image01: np.ndarray) -> LungMask:

@@ -63,21 +63,22 @@ def read_xray_unit(path: Path) -> np.ndarray:
     return to_unit(study.pixels[0], study.intensity)
 
 
-def _cache_key(path: Path, scheme: str, segmenter: str | None) -> str:
+def _cache_key(path: Path, scheme: str, segmenter: str) -> str:
     text = f"{path.resolve()}|{path.stat().st_size}|{scheme}|{segmenter}|{PREP_SIZE}"
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
 def prepare_cache(records: list[CxrRecord], scheme: str, segmenter: str | None, folder: Path) -> list[Path]:
     """Prepare every record once (segment, apply the scheme) into ``folder``; returns one ``.npz`` per record."""
-    from lungsight.preprocess.lung_fields import load_segmenter
+    from lungsight.preprocess.lung_fields import load_segmenter, segmenter_fingerprint
     from lungsight.preprocess.xray import prepare_xray
 
     ensure_dir(folder)
     seg = load_segmenter(segmenter)
+    fingerprint = segmenter_fingerprint(segmenter)
     files, fallbacks = [], 0
     for r in tqdm(records, desc=f"preparing X-rays ({scheme})", disable=None):
-        target = folder / f"{_cache_key(r.path, scheme, segmenter)}.npz"
+        target = folder / f"{_cache_key(r.path, scheme, fingerprint)}.npz"
         files.append(target)
         if target.exists():
             continue
