@@ -1,0 +1,18 @@
+"""``lungsight bench``: the figures it prints are computed from the stages it timed (no timing is asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lungsight.bench import run_bench
+
+
+def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    f = run_bench(None, "ct-default", n_slices=12, repeats=2, threads=1)
+    printed = capsys.readouterr().out
+    assert f["slices"] == 12 and 1 <= f["slices_classified"] <= 12 and f["threads"] == 1
+    assert f["decision_slices_per_s"] == pytest.approx(12 / f["decision_path_s"])
+    assert f["full_over_forward"] == pytest.approx(f["full_path_s"] / f["forward_classified_s"] - 1)
+    assert f["best_full_slices_per_s"] >= f["full_slices_per_s"] * 0.999  # the best round is at least the median
+    assert f["best_full_over_forward"] > -1 and f["best_decision_over_forward"] > -1
+    assert "bare model forward" in printed and "best round" in printed and "full path" in printed
