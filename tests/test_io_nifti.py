@@ -125,6 +125,22 @@ def test_non_finite_voxels_are_filled_and_reported(tmp_path: Path) -> None:
     assert any("2 voxels were NaN or infinite" in w for w in study.warnings)
 
 
+def test_the_finiteness_pass_is_skipped_only_where_no_value_can_be_non_finite() -> None:
+    """Integers with a finite scaling that cannot overflow float32 need no NaN/infinity pass (about 50 ms on a
+    100-slice 512 x 512 volume); float storage, or a slope that could overflow, keeps it."""
+    from lungsight.io.nifti import _display_hu
+
+    def flags(data: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> bool:
+        image = nib.Nifti1Image(data, np.eye(4))
+        image.header.set_slope_inter(slope, inter)
+        return _display_hu(nib.Nifti1Image.from_bytes(image.to_bytes()))[1]
+
+    assert not flags(np.zeros((4, 4, 2), np.int16), 2.0, -1024.0)
+    assert not flags(np.zeros((4, 4, 2), np.uint8))
+    assert flags(np.zeros((4, 4, 2), np.float32))
+    assert flags(np.zeros((4, 4, 2), np.int16), 1e36)  # 32767 * 1e36 is not a float32
+
+
 def test_contract_warnings_for_cropped_or_padded_volumes(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.full((8, 8, 3), 300, np.int16), np.eye(4)), tmp_path / "soft.nii")
     soft = load_study(tmp_path / "soft.nii")

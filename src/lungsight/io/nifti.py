@@ -63,8 +63,9 @@ def _nifti_file(path: Path) -> Iterator[nib.Nifti1Image | nib.Nifti2Image]:
         yield nib.load(str(path))
 
 
-def _display_hu(image: nib.Nifti1Image) -> np.ndarray:
-    """The voxels as float32 ``(slice, row, column)`` in display order, scaled by ``scl_slope``/``scl_inter``.
+def _display_hu(image: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
+    """The voxels as float32 ``(slice, row, column)`` in display order, scaled by ``scl_slope``/``scl_inter``, and
+    whether they can hold NaN or infinity (not when integers are stored and the scaling is finite).
 
     The stored integers are reordered and converted in one pass, and scaled in place: one float32 copy of the
     volume instead of the three that ``get_fdata`` and a separate reordering copy make (most CT volumes are int16).
@@ -74,13 +75,20 @@ def _display_hu(image: nib.Nifti1Image) -> np.ndarray:
         raw, slope, inter = np.asanyarray(image.dataobj.get_unscaled()), image.dataobj.slope, image.dataobj.inter
     else:
         raw, slope, inter = np.asanyarray(image.dataobj), 1.0, 0.0
+    finite_by_type = (
+        np.issubdtype(raw.dtype, np.integer)
+        and bool(np.isfinite([slope, inter]).all())
+        and float(max(abs(np.iinfo(raw.dtype).min), np.iinfo(raw.dtype).max)) * abs(slope) + abs(inter)
+        < float(np.finfo(np.float32).max)
+    )
+    maybe_non_finite = not finite_by_type
     pixels = to_display(raw, np.float32)
     del raw
     if slope != 1.0:
         pixels *= np.float32(slope)
     if inter != 0.0:
         pixels += np.float32(inter)
-    return pixels
+    return pixels, maybe_non_finite
 
 
 def _load_canonical(image: nib.Nifti1Image, label: str) -> tuple[nib.Nifti1Image, str]:
@@ -123,10 +131,11 @@ def _read_image(image: nib.Nifti1Image, label: str, max_pixels: int) -> Study:
     if tilt > 1.0:
         notes.append(f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation")
     try:
-        pixels = _display_hu(image)
+        pixels, maybe_non_finite = _display_hu(image)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
-    bad = None if np.isfinite(pixels.sum(dtype=np.float64)) else ~np.isfinite(pixels)  # one pass when all are finite
+    # one pass when all are finite; none when integers were stored
+    bad = None if not maybe_non_finite or np.isfinite(pixels.sum(dtype=np.float64)) else ~np.isfinite(pixels)
     if bad is not None and bad.any():
         fill = float(np.min(pixels[~bad])) if (~bad).any() else -1024.0
         pixels[bad] = fill
