@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from lungsight.errors import InputError, ModelError
 from lungsight.fileio import atomic_write, atomic_write_json
 from lungsight.preprocess.transforms import fit_square
 from lungsight.preprocess.window import to_unit
+
+if TYPE_CHECKING:
+    from lungsight.models.pretrained import ModelEntry
 
 WORK_SIZE = 256  # the classical segmenter's working resolution (square)
 PAD_LEVEL = 0.03  # near-black: within 3 % of the image's range above its minimum
@@ -404,23 +407,29 @@ def default_segmenter() -> ClassicalSegmenter:
     return ClassicalSegmenter()
 
 
+def _unet_entry(name_or_path: str | Path) -> ModelEntry:
+    """The lung U-Net a segmenter name or path stands for: a file, or a bundled or imported model (verified
+    against its recorded SHA-256)."""
+    from lungsight.models.pretrained import list_models, resolve  # models sit above preprocess: imported when asked
+
+    path = Path(name_or_path)
+    if not path.is_file() and str(name_or_path) not in {e.name for e in list_models()}:
+        raise ModelError(
+            f"{path}: lung segmenter not found (give 'classical', 'xr-lungs' or a lung U-Net .safetensors file)"
+        )
+    return resolve(path if path.is_file() else str(name_or_path))
+
+
 def load_segmenter(name_or_path: str | Path | None) -> LungSegmenter:
     """``None`` or ``"classical"`` -> the classical segmenter; the name of a bundled or imported lung U-Net
     (``"xr-lungs"``, verified against its recorded SHA-256) or the path of a lung U-Net ``.safetensors`` file ->
     that U-Net's segmenter."""
     if name_or_path is None or str(name_or_path) == "classical":
         return default_segmenter()
-    from lungsight.models.pretrained import list_models, resolve  # models sit above preprocess: imported when asked
     from lungsight.models.unet import UNetSegmenter
 
-    path = Path(name_or_path)
-    if not path.is_file():
-        if str(name_or_path) not in {e.name for e in list_models()}:
-            raise ModelError(
-                f"{path}: lung segmenter not found (give 'classical', 'xr-lungs' or a lung U-Net .safetensors file)"
-            )
-        return UNetSegmenter.from_file(resolve(str(name_or_path)).path, name=str(name_or_path))
-    return UNetSegmenter.from_file(path)
+    entry = _unet_entry(name_or_path)
+    return UNetSegmenter.from_file(entry.path, name=None if entry.source == "file" else entry.name)
 
 
 def segmenter_fingerprint(name_or_path: str | Path | None) -> str:
@@ -428,13 +437,10 @@ def segmenter_fingerprint(name_or_path: str | Path | None) -> str:
     retrained file under the same name or path gives other masks, so caches keyed on this are not reused)."""
     if name_or_path is None or str(name_or_path) == "classical":
         return "classical"
-    from lungsight.models.pretrained import resolve
     from lungsight.models.weights import sha256_file
 
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = resolve(str(name_or_path)).path
-    return f"{name_or_path}:{sha256_file(path)}"
+    entry = _unet_entry(name_or_path)
+    return f"{name_or_path}:{entry.sha256 or sha256_file(entry.path)}"  # a named model's hash is verified already
 
 
 def segment_detail(segmenter: LungSegmenter, image01: np.ndarray) -> LungMask:
