@@ -66,14 +66,10 @@ def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     result = pred.result
     xray = "slice_probabilities" not in result
     names = [f"overlays/{'xray' if xray else 'slice'}_{ev.index:04d}.png" for ev in pred.evidence]
-    workers = min(len(names), usable_cores(), 4)
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsight-png") as pool:
-            # list() waits for every overlay and raises the first error, as the loop below would
-            list(pool.map(lambda ev, rel: _write_overlay(ev, out_dir / rel, xray), pred.evidence, names))
-    else:
-        for ev, rel in zip(pred.evidence, names, strict=True):
-            _write_overlay(ev, out_dir / rel, xray)
+    workers = max(1, min(len(names), usable_cores(), 4))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsight-png") as pool:
+        # list() waits for every overlay and raises the first error
+        list(pool.map(lambda ev, rel: _write_overlay(ev, out_dir / rel, xray), pred.evidence, names))
     result["overlays"] = [
         {"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra}
         for ev, rel in zip(pred.evidence, names, strict=True)
