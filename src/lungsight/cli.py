@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lungsight.about import DISCLAIMER, __version__
+from lungsight.allocator import tune_malloc
 from lungsight.errors import InputError, LungsightError
 
 
@@ -723,6 +724,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_malloc()  # batch activations reuse freed memory instead of faulting in fresh pages (allocator.py)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("pydicom", "huggingface_hub"):  # their warnings repeat what our one-line error says
         logging.getLogger(noisy).setLevel(logging.ERROR)
