@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from lungsight.about import DISCLAIMER, __version__
+from lungsight.allocator import tune_malloc
 from lungsight.errors import LungsightError
 from lungsight.inference.outputs import CHART_NAME
 from lungsight.inference.route import settle_image_modality
@@ -330,6 +331,7 @@ def create_app(settings: Settings | None = None, pool: ModelPool | None = None) 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tune_malloc()  # also when served by uvicorn's app factory rather than `lungsight serve`
         service.start()
         logger.info("lungsight %s serving; results kept %g min", __version__, service.settings.keep_minutes)
         try:
