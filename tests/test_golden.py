@@ -95,3 +95,18 @@ def test_one_pass_explanation_matches_a_separate_grad_cam(detector):
     for ev, ref in zip(explained.evidence, reference, strict=True):
         assert ev.cam.shape == ref.shape and ev.cam.max() > 0.9
         np.testing.assert_allclose(ev.cam, ref, atol=1e-4)
+
+
+def test_every_batch_of_a_16_bit_series_is_windowed_with_the_whole_series_bounds(detector):
+    """A 16-bit slice series of no known unit is scaled between its own percentiles: those of the whole series,
+    not of each batch, so the probabilities do not depend on the batch size."""
+    import numpy as np
+
+    from lungsight.preprocess.window import to_unit
+    from lungsight.study import Study
+
+    hu = lungsight.load_study(EXAMPLE_CT).pixels
+    study = Study(pixels=np.clip(hu + 1024.0, 0, None) * 4.0, modality="CT", intensity="grey16")
+    got = detector.predict(study, select=False, explain=False, batch_size=4)
+    whole = detector.slice_probabilities(to_unit(study.pixels, "grey16"))[:, detector.positive]
+    np.testing.assert_allclose([s["p"] for s in got.result["slice_probabilities"]], whole, atol=1e-5)

@@ -6,7 +6,7 @@ import torch
 
 from lungsight.preprocess.selection import BOX_X, BOX_Y, dark_counts, dark_level, select_slices
 from lungsight.preprocess.transforms import augmentation, fit_square, model_batch, unfit_square
-from lungsight.preprocess.window import LUNG_WINDOW, to_unit
+from lungsight.preprocess.window import LUNG_WINDOW, to_unit, unit_bounds
 
 
 def test_lung_window_maps_hu_to_unit_range():
@@ -94,3 +94,17 @@ def test_augmentations_keep_shape_and_range():
     assert augmentation("none") is None
     with pytest.raises(ValueError, match="unknown augmentation"):
         augmentation("mixup")
+
+
+def test_a_subset_of_a_16_bit_study_is_mapped_with_the_whole_study_s_bounds():
+    """The percentiles of 16-bit values of no known unit belong to the study: a batch of its slices mapped with
+    the study's bounds equals the same slices of the whole study mapped at once, and differs when mapped alone."""
+    rng = np.random.default_rng(0)
+    study = np.concatenate([rng.uniform(0, 1000, (4, 8, 8)), rng.uniform(2000, 4000, (4, 8, 8))]).astype(np.float32)
+    bounds = unit_bounds(study, "grey16")
+    np.testing.assert_allclose(bounds, np.percentile(study, [0.5, 99.5]), rtol=1e-6)
+    whole = to_unit(study, "grey16")
+    np.testing.assert_array_equal(to_unit(study[:4], "grey16", bounds=bounds), whole[:4])
+    assert to_unit(study[:4], "grey16").max() == 1.0 and whole[:4].max() < 0.3
+    assert unit_bounds(study, "hu", (-1000.0, 200.0)) == (-1000.0, 200.0)
+    assert unit_bounds(study, "grey8") == (0.0, 255.0)

@@ -27,7 +27,7 @@ from lungsight.inference.rules import RULES, apply_all_rules
 from lungsight.models.pretrained import ModelEntry, load_model
 from lungsight.preprocess.selection import SliceSelection, select_slices
 from lungsight.preprocess.transforms import model_batch, unfit_square
-from lungsight.preprocess.window import LUNG_WINDOW, to_unit
+from lungsight.preprocess.window import LUNG_WINDOW, to_unit, unit_bounds
 from lungsight.study import Study
 
 T = TypeVar("T")
@@ -186,6 +186,7 @@ class Detector:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         t0 = time.perf_counter()
         window = tuple(self.config.get("window", LUNG_WINDOW))
+        bounds = unit_bounds(study.pixels, study.intensity, window)  # the whole study's, for every batch
         if select:
             selection = select_slices(study.pixels, study.intensity)
         else:
@@ -197,7 +198,7 @@ class Detector:
         batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
 
         def prepare(idx: list[int]) -> torch.Tensor:
-            return self.inputs(to_unit(study.pixels[idx], study.intensity, window))
+            return self.inputs(to_unit(study.pixels[idx], study.intensity, bounds=bounds))
 
         explaining = explain and top_k > 0
         raw_maps: dict[int, torch.Tensor] = {}  # slice -> its raw Grad-CAM map, from the classifying pass
@@ -228,7 +229,7 @@ class Detector:
         t2 = time.perf_counter()
         if explaining:
             top = [kept[j] for j in np.argsort(-p_pos, kind="stable")[:top_k]]
-            unit = to_unit(study.pixels[top], study.intensity, window)
+            unit = to_unit(study.pixels[top], study.intensity, bounds=bounds)
             size = int(self.config["input_size"])
             maps = finish_maps(torch.stack([raw_maps[i] for i in top]), (size, size))
             cams = unfit_square(maps, unit.shape[1], unit.shape[2])

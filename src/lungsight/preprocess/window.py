@@ -21,20 +21,36 @@ def window_bounds(center: float, width: float) -> tuple[float, float]:
     return center - width / 2.0, center + width / 2.0
 
 
-def to_unit(pixels: np.ndarray, intensity: Intensity, window: tuple[float, float] = LUNG_WINDOW) -> np.ndarray:
-    """Map pixels of the given unit to float32 grey values in [0, 1] (see module docstring)."""
-    x = np.asarray(pixels, dtype=np.float32)
+def unit_bounds(
+    pixels: np.ndarray, intensity: Intensity, window: tuple[float, float] = LUNG_WINDOW
+) -> tuple[float, float]:
+    """The values of ``pixels`` that map to grey 0 and 1 (see module docstring). For 16-bit values of no known unit
+    they depend on the values themselves: pass the whole study, not a batch of its slices."""
     if intensity == "hu":
-        lo, hi = window
-        out = (x - lo) / (hi - lo)
-    elif intensity == "grey8":
-        out = x / 255.0
-    elif intensity == "grey16":
-        lo, hi = np.percentile(x, [0.5, 99.5])
-        out = (x - lo) / max(float(hi - lo), 1.0)
-    else:
-        raise ValueError(f"unknown intensity unit {intensity!r}")
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+        return float(window[0]), float(window[1])
+    if intensity == "grey8":
+        return 0.0, 255.0
+    if intensity == "grey16":
+        lo, hi = np.percentile(pixels, [0.5, 99.5])
+        return float(lo), float(lo) + max(float(hi - lo), 1.0)
+    raise ValueError(f"unknown intensity unit {intensity!r}")
+
+
+def to_unit(
+    pixels: np.ndarray,
+    intensity: Intensity,
+    window: tuple[float, float] = LUNG_WINDOW,
+    bounds: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Map pixels of the given unit to float32 grey values in [0, 1] (see module docstring).
+
+    ``bounds`` (from :func:`unit_bounds` on the whole study) maps a subset of a study's slices exactly as the
+    whole study; without them they are computed from ``pixels``.
+    """
+    lo, hi = bounds if bounds is not None else unit_bounds(pixels, intensity, window)
+    out = np.subtract(pixels, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def hu_to_unit_level(hu: float, window: tuple[float, float] = LUNG_WINDOW) -> float:
