@@ -1,4 +1,4 @@
-"""Heat-map overlays of Grad-CAM maps on grey slices, written as small PNGs (PIL only, no matplotlib)."""
+"""Heat-map overlays of Grad-CAM maps on grey slices, drawn with PIL (no matplotlib) and written as PNGs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, features
 
 from lungsight.fileio import atomic_write
+from lungsight.report.png import encode_png
 
 CAM_FLOOR = 0.05  # map values at or below this are left uncoloured
 OUTLINE_RGB = (255, 0, 255)  # magenta: absent from both the grey slice and the jet colour map
@@ -150,4 +151,5 @@ def save_overlay(
         framed.paste(image, (0, 0))
         framed.paste(strip, (0, h))
         image = framed
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=3))
+    png = encode_png(np.asarray(image))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(png))
