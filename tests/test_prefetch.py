@@ -1,11 +1,12 @@
 """The detector prepares the next batch while the model runs the current one: order kept, errors raised, and
-never more than two prepared batches at a time."""
+never more than two prepared batches at a time; a batch of consecutive slices is read without a copy."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from lungsight.inference.detector import _prefetched
@@ -67,3 +68,13 @@ def test_spare_core_compares_torch_threads_with_the_usable_cores(monkeypatch):
     assert cores.usable_cores() == 2 and not cores.spare_core()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert cores.spare_core()
+
+
+def test_a_run_of_consecutive_slices_is_taken_as_a_view_and_any_other_list_as_a_copy():
+    from lungsight.inference.detector import _rows
+
+    pixels = np.arange(60, dtype=np.float32).reshape(10, 2, 3)
+    run = _rows(pixels, [3, 4, 5])
+    assert np.shares_memory(run, pixels) and np.array_equal(run, pixels[[3, 4, 5]])
+    for idx in ([3, 5, 6], [5, 4, 3], [2, 2, 3], [7]):
+        np.testing.assert_array_equal(_rows(pixels, idx), pixels[idx])

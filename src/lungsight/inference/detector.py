@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,6 +98,13 @@ def _prefetched(prepare: Callable[[T], Any], chunks: Sequence[T], ahead: bool = 
             if k + 1 < len(chunks):
                 pending = pool.submit(prepare, chunks[k + 1])
             yield chunk, ready
+
+
+def _rows(pixels: np.ndarray, idx: list[int]) -> np.ndarray:
+    """``pixels[idx]``, as a view without a copy when ``idx`` is a run of consecutive slices (the usual batch)."""
+    if idx and idx[-1] - idx[0] == len(idx) - 1 and all(b == a + 1 for a, b in pairwise(idx)):
+        return pixels[idx[0] : idx[-1] + 1]
+    return pixels[idx]
 
 
 class Detector:
@@ -198,7 +206,7 @@ class Detector:
         batches = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
 
         def prepare(idx: list[int]) -> torch.Tensor:
-            return self.inputs(to_unit(study.pixels[idx], study.intensity, bounds=bounds))
+            return self.inputs(to_unit(_rows(study.pixels, idx), study.intensity, bounds=bounds))
 
         explaining = explain and top_k > 0
         raw_maps: dict[int, torch.Tensor] = {}  # slice -> its raw Grad-CAM map, from the classifying pass
