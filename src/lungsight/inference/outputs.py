@@ -59,8 +59,8 @@ def _write_overlay(ev: Evidence, path: Path, xray: bool) -> None:
 def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     """Write every output of ``pred`` into ``out_dir``; returns the path of report.html.
 
-    The overlays are encoded in parallel (PNG compression releases the GIL and the model is idle by now): on 2
-    cores this halves their cost, which was most of the time spent writing a CT prediction.
+    The overlays are drawn and encoded in parallel (NumPy and ISA-L's deflate release the GIL, and the model is
+    idle by now).
     """
     ensure_dir(out_dir)
     result = pred.result
