@@ -40,7 +40,10 @@ def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def test_tiny_run_writes_csv_json_png_with_the_right_columns(tmp_path: Path, capsys) -> None:
     out = tmp_path / "speed"
     code = main(
-        ["speed", "--out", str(out), "--models", "ct-default,resnet18:32", "--slices", "20", "30", "--repeats", "1"]
+        [
+            *("speed", "--out", str(out), "--models", "ct-default,resnet18:32"),
+            *("--slices", "20", "30", "--repeats", "1", "--threads", "1"),
+        ]
     )
     printed = capsys.readouterr().out
     assert code == 0

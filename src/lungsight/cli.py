@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--slices", type=int, nargs="+", default=[20, 50, 100, 200, 400], help="series lengths")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: spin-waiting on busy cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores, as lungsight bench)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda is used only when available")
     p.add_argument("--max-seconds", type=float, help="skip cells estimated to take longer than this per study")
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from lungsight.about import __version__
 from lungsight.bench import resampled_nifti
+from lungsight.cores import usable_cores
 from lungsight.errors import InputError
 from lungsight.examples import EXAMPLE_CT
 from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json
@@ -254,7 +255,7 @@ def run_speed(
     models: Sequence[str] = ("ct-default",),
     slices: Sequence[int] = DEFAULT_SLICES,
     repeats: int = 3,
-    threads: int | None = 1,
+    threads: int | None = None,
     device: str = "cpu",
     max_seconds: float | None = None,
     measure: Measure = measure_cell,
@@ -268,8 +269,7 @@ def run_speed(
     counts = sorted(set(slices))
     if not counts or counts[0] < 1:
         raise InputError(f"slices {list(slices)}: give one or more positive slice counts")
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or usable_cores())
     dev, note = pick_device(device)
     loaded = [(m, *load_detector(m)) for m in models]  # every model name is checked before any timing
     source = Path(study_path or EXAMPLE_CT)
