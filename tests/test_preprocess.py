@@ -67,6 +67,33 @@ def test_short_or_flat_series_keep_every_slice_and_say_why():
     assert flat.kept.all() and "barely vary" in flat.note
 
 
+def _crop(lung_columns_per_slice: list[int], size: int = 100) -> np.ndarray:
+    """A lung crop: soft tissue (40 HU) in the centre, where paper 002's box lies, and lung (-850 HU) in the given
+    number of columns at each side of the frame."""
+    vol = np.full((len(lung_columns_per_slice), size, size), 40.0, np.float32)
+    for i, k in enumerate(lung_columns_per_slice):
+        if k:
+            vol[i, :, :k] = vol[i, :, -k:] = -850.0
+    return vol
+
+
+def test_a_crop_around_the_lungs_counts_the_whole_frame_and_a_whole_chest_keeps_paper_002_s_box():
+    vol = _crop([0, 5, 20, 20, 20, 19, 8, 0])  # 2k of 100 columns are lung: 0 %, 10 %, 40 %, ..., 16 %, 0 %
+    crop = select_slices(vol, "hu", spacing=(1.5, 1.5, 1.5))  # 150 mm across: a crop
+    assert crop.params["field_of_view_mm"] == [150.0, 150.0] and "whole frame" in crop.method
+    assert crop.params["box"] == {"x": [0.0, 1.0], "y": [0.0, 1.0]}
+    # whole-frame counts in 512 x 512 units: 2k columns of 100 rows of a 100 x 100 frame -> 2k * 100 * 26.2144
+    np.testing.assert_allclose(crop.dark_counts, [2 * k * 100 * 26.2144 for k in [0, 5, 20, 20, 20, 19, 8, 0]])
+    assert crop.threshold == pytest.approx(40 * 100 * 26.2144 / 1.5)  # (max - min) / 1.5
+    assert crop.kept_indices == [2, 3, 4, 5]
+    # the same pixels over a 400 mm field of view are a whole chest: the central box sees no lung at all
+    chest = select_slices(vol, "hu", spacing=(1.5, 4.0, 4.0))
+    assert "central box" in chest.method and chest.params["field_of_view_mm"] == [400.0, 400.0]
+    assert chest.kept.all() and "barely vary" in chest.note
+    # without a spacing (8-bit slices) nothing is known of the field of view: paper 002's box
+    assert select_slices(vol, "hu").params["field_of_view_mm"] is None
+
+
 def test_fit_square_resizes_without_padding_and_unfit_square_restores_the_shape():
     img = np.zeros((100, 50), np.float32)
     img[:50] = 1.0  # top half bright

@@ -196,7 +196,7 @@ class Detector:
         window = tuple(self.config.get("window", LUNG_WINDOW))
         bounds = unit_bounds(study.pixels, study.intensity, window)  # the whole study's, for every batch
         if select:
-            selection = select_slices(study.pixels, study.intensity)
+            selection = select_slices(study.pixels, study.intensity, spacing=study.spacing)
         else:
             selection = SliceSelection.keep_all(np.zeros(study.n_slices), "none", "selection disabled")
         t_pre = time.perf_counter() - t0

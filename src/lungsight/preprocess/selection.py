@@ -29,6 +29,10 @@ DARK_HU = 300.0 - 1024.0  # paper's raw level 300 with intercept -1024
 DIVISOR = 1.5
 MIN_SLICES = 5
 MIN_SPREAD = 0.02  # (max - min) dark count below 2 % of the box area: counts do not discriminate
+# A whole-chest field of view is wider than this (COVID-CTset: 512 px of about 0.7 mm, about 360 mm); a narrower
+# one both ways is a crop around the lungs, whose centre is the mediastinum.
+NARROW_FOV_MM = 250.0
+WHOLE_FRAME = ((0.0, 1.0), (0.0, 1.0))
 
 
 @dataclass
@@ -78,32 +82,60 @@ def dark_level(intensity: Intensity) -> float:
     raise ValueError(f"unknown intensity unit {intensity!r}")
 
 
-def dark_counts(pixels: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Number of dark pixels in the central box of each slice, scaled to 512x512 pixel units."""
+def dark_counts(
+    pixels: np.ndarray, intensity: Intensity, box: tuple[tuple[float, float], tuple[float, float]] = (BOX_X, BOX_Y)
+) -> np.ndarray:
+    """Number of dark pixels in ``box`` (x and y fractions of the width and height; default: paper 002's central
+    box) of each slice, scaled to 512x512 pixel units."""
     h, w = pixels.shape[1:]
-    x0, x1 = round(BOX_X[0] * w), round(BOX_X[1] * w)
-    y0, y1 = round(BOX_Y[0] * h), round(BOX_Y[1] * h)
-    box = pixels[:, y0:y1, x0:x1]
-    counts = (box < dark_level(intensity)).sum(axis=(1, 2)).astype(np.float64)
+    (bx0, bx1), (by0, by1) = box
+    x0, x1 = round(bx0 * w), round(bx1 * w)
+    y0, y1 = round(by0 * h), round(by1 * h)
+    counts = (pixels[:, y0:y1, x0:x1] < dark_level(intensity)).sum(axis=(1, 2)).astype(np.float64)
     return counts * (512.0 * 512.0) / float(h * w)
 
 
+def field_of_view_mm(shape: tuple[int, ...], spacing: tuple[float, float, float] | None) -> tuple[float, float] | None:
+    """(width, height) of a slice in mm, or ``None`` when the spacing is unknown."""
+    if spacing is None:
+        return None
+    return shape[-1] * spacing[2], shape[-2] * spacing[1]
+
+
 def select_slices(
-    pixels: np.ndarray, intensity: Intensity, *, min_slices: int = MIN_SLICES, divisor: float = DIVISOR
+    pixels: np.ndarray,
+    intensity: Intensity,
+    *,
+    spacing: tuple[float, float, float] | None = None,
+    min_slices: int = MIN_SLICES,
+    divisor: float = DIVISOR,
 ) -> SliceSelection:
-    """Apply the paper-002 rule to a ``(slices, rows, cols)`` array in the given unit."""
-    counts = dark_counts(pixels, intensity)
+    """Apply the paper-002 rule to a ``(slices, rows, cols)`` array in the given unit.
+
+    With the ``(slice, row, column)`` spacing in mm, a field of view narrower than :data:`NARROW_FOV_MM` both ways
+    (a crop around the lungs) counts the dark pixels of the whole frame instead of the central box, which such a
+    crop centres on the mediastinum.
+    """
+    fov = field_of_view_mm(pixels.shape, spacing)
+    narrow = fov is not None and max(fov) < NARROW_FOV_MM
+    box = WHOLE_FRAME if narrow else (BOX_X, BOX_Y)
+    counts = dark_counts(pixels, intensity, box)
     n = len(counts)
-    method = "dark-pixel count in the central box (paper 002, in HU)"
+    if narrow:
+        method = f"dark-pixel count in the whole frame (field of view under {NARROW_FOV_MM:g} mm: a crop), in HU"
+    else:
+        method = "dark-pixel count in the central box (paper 002, in HU)"
     params = {
         "dark_level": dark_level(intensity),
         "unit": intensity,
         "divisor": divisor,
         "min_slices": min_slices,
+        "box": {"x": list(box[0]), "y": list(box[1])},
+        "field_of_view_mm": None if fov is None else [round(v, 1) for v in fov],
     }
     if n < min_slices:
         return SliceSelection.keep_all(counts, method, f"{n} slice(s) < {min_slices}: all kept", params)
-    box_area = 512.0 * 512.0 * (BOX_X[1] - BOX_X[0]) * (BOX_Y[1] - BOX_Y[0])
+    box_area = 512.0 * 512.0 * (box[0][1] - box[0][0]) * (box[1][1] - box[1][0])
     spread = float(counts.max() - counts.min())
     if spread < MIN_SPREAD * box_area:
         return SliceSelection.keep_all(counts, method, "dark-pixel counts barely vary: all kept", params)
