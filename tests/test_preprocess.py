@@ -90,8 +90,10 @@ def test_a_crop_around_the_lungs_counts_the_whole_frame_and_a_whole_chest_keeps_
     chest = select_slices(vol, "hu", spacing=(1.5, 4.0, 4.0))
     assert "central box" in chest.method and chest.params["field_of_view_mm"] == [400.0, 400.0]
     assert chest.kept.all() and "barely vary" in chest.note
-    # without a spacing (8-bit slices) nothing is known of the field of view: paper 002's box
-    assert select_slices(vol, "hu").params["field_of_view_mm"] is None
+    # without a spacing (8-bit slices), or with a meaningless one, nothing is known of the field of view: the box
+    for spacing in (None, (1.0, 0.0, 0.0), (1.0, float("nan"), 1.5)):
+        sel = select_slices(vol, "hu", spacing=spacing)
+        assert sel.params["field_of_view_mm"] is None and "central box" in sel.method
 
 
 def test_fit_square_resizes_without_padding_and_unfit_square_restores_the_shape():

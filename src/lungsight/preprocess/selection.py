@@ -10,12 +10,16 @@ Ours works on any unit and size:
 * the dark level is expressed in HU. COVID-CTset stores DICOM values with the usual rescale intercept of -1024, so
   raw 300 is -724 HU. For 8-bit slices, which we take as displayed in the lung window (see ``window.py``), -724 HU is
   grey level 106 (0.417 of full scale); raw 16-bit values are taken as HU + 1024;
+* the box assumes a whole-chest field of view. A study whose pixel spacing gives a field of view narrower than
+  250 mm both ways is a crop around the lungs, centred on the mediastinum, where the box would see no lung: there
+  the dark pixels of the whole frame are counted instead;
 * a series shorter than ``min_slices`` (single images included) or whose counts barely vary keeps every slice and
   says why, instead of dropping slices on noise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,8 +100,8 @@ def dark_counts(
 
 
 def field_of_view_mm(shape: tuple[int, ...], spacing: tuple[float, float, float] | None) -> tuple[float, float] | None:
-    """(width, height) of a slice in mm, or ``None`` when the spacing is unknown."""
-    if spacing is None:
+    """(width, height) of a slice in mm, or ``None`` when the spacing is unknown (or not a positive number)."""
+    if spacing is None or not all(math.isfinite(v) and v > 0 for v in spacing[1:]):
         return None
     return shape[-1] * spacing[2], shape[-2] * spacing[1]
 
