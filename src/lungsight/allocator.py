@@ -4,9 +4,10 @@ By default glibc serves blocks above its mmap threshold (at most 32 MiB, adjuste
 pages from the kernel and unmaps them when they are freed, and it trims the heap's free top above 128 KiB. A CNN
 forward on the CPU allocates and frees its activations batch after batch (16 slices at 192 px in EfficientNet-Lite0:
 up to 57 MB for one layer's output), so every batch touches fresh pages that the kernel zero-fills one page fault at
-a time. Measured here for ct-default on 100 slices of 512 x 512 on 2 cores: 5.8 million page faults and 1.55 s for
-the bare forward with glibc's defaults; 0.43 million and 0.76 s with the thresholds below (compare ``lungsight bench
-../shared/data/ct-volume/dicom`` with ``LUNGSIGHT_MALLOC=system`` and without).
+a time. Measured here for ct-default on 100 slices of 512 x 512 on 2 cores: 5.8 million page faults in six rounds of
+a prediction and a bare forward, and 1.55 s for the bare forward with glibc's defaults; 0.43 million and 0.76 s with
+the thresholds below (compare ``lungsight bench ../shared/data/ct-volume/dicom`` with ``LUNGSIGHT_MALLOC=system``
+and without).
 
 What it costs: up to :data:`TRIM_THRESHOLD` of freed memory stays with the process between predictions (it is
 reused by the next one, so resident memory does not grow with the number of predictions), and blocks below
