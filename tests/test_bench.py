@@ -16,3 +16,9 @@ def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixtur
     assert f["best_full_slices_per_s"] >= f["full_slices_per_s"] * 0.999  # the best round is at least the median
     assert f["best_full_over_forward"] > -1 and f["best_decision_over_forward"] > -1
     assert "bare model forward" in printed and "best round" in printed and "full path" in printed
+    # the stages of the full path, timed inside it, account for most of it and no more than all of it
+    stages = f["stages_s"]
+    assert list(stages) == ["read", "select", "classify", "explain", "outputs"] and min(stages.values()) >= 0
+    assert stages["read"] > 0 and stages["classify"] > 0 and stages["outputs"] > 0
+    assert 0.5 * f["full_path_s"] < sum(stages.values()) < 1.2 * f["full_path_s"]
+    assert "where the full path's time goes" in printed and "slice selection" in printed

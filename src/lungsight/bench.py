@@ -43,8 +43,24 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def _full_path(det: Detector, path: Path, out: Path) -> Path:
-    return det.predict(load_study(path)).save(out)
+STAGES = {
+    "read": "read",
+    "select": "slice selection",
+    "classify": "windowing, resizing, forward and Grad-CAM's backward",
+    "explain": "top-k maps",
+    "outputs": "outputs",
+}
+
+
+def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
+    """Run the whole predict path; the seconds of each of its stages (:data:`STAGES`)."""
+    study, t_read = _timed(load_study, path)
+    pred = det.predict(study)
+    _, t_out = _timed(pred.save, out)
+    t = pred.result["timings_s"]
+    return {"read": t_read, "select": t["preprocess"], "classify": t["inference"], "explain": t["explain"]} | {
+        "outputs": t_out
+    }
 
 
 def run_bench(
@@ -56,12 +72,13 @@ def run_bench(
     det = Detector.from_pretrained(model)
     window = tuple(det.config["window"])
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
     with tempfile.TemporaryDirectory(prefix="lungsight-bench-") as tmp:
         path = resampled_nifti(Path(study_path or EXAMPLE_CT), n_slices, Path(tmp) / "study.nii.gz")
         for r in range(repeats + 1):  # the first round warms up and is not counted
             study, t_read = _timed(load_study, path)
             pred, t_decision = _timed(det.predict, study, explain=False)
-            _, t_full = _timed(_full_path, det, path, Path(tmp) / f"out{r}")
+            parts, t_full = _timed(_full_path, det, path, Path(tmp) / f"out{r}")
             sel = pred.result["slices"]["selected"]
             x = det.inputs(to_unit(study.pixels[sel], study.intensity, window))
             x_all = det.inputs(to_unit(study.pixels, study.intensity, window))
@@ -70,6 +87,8 @@ def run_bench(
             if r:
                 for k, v in zip(runs, (t_read, t_read + t_decision, t_full, t_fwd, t_fwd_all), strict=True):
                     runs[k].append(v)
+                for k, v in parts.items():
+                    stages[k].append(v)
     med = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
     kept = len(sel)
@@ -89,6 +108,7 @@ def run_bench(
         "best_full_over_forward": best["full"] / best["forward"] - 1.0,
         "best_full_slices_per_s": n_slices / best["full"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "stages_s": {k: statistics.median(v) for k, v in stages.items()},
     }
     print(
         f"model {model} ({det.config['arch']}, {det.config['input_size']} px), {figures['threads']} threads, "
@@ -110,6 +130,8 @@ def run_bench(
         f"({100 * figures['best_decision_over_forward']:.0f} % over), full path {best['full']:.3f} s "
         f"({100 * figures['best_full_over_forward']:.0f} % over, {figures['best_full_slices_per_s']:.0f} slices/s)"
     )
+    parts = ", ".join(f"{STAGES[k]} {v:.3f} s" for k, v in figures["stages_s"].items())
+    print(f"  where the full path's time goes (medians): {parts}")
     print(f"  peak resident memory of this process: {figures['peak_rss_mib']:.0f} MiB")
     return figures
 
