@@ -61,7 +61,10 @@ def test_tiny_run_writes_csv_json_png_with_the_right_columns(tmp_path: Path, cap
     assert {r["input_px"] for r in rows} == {"192", "32"}  # ct-default reads 192 px
     for r in rows:
         assert r["skipped"] == "False" and r["threads"] == "1" and r["device"] == "cpu"
-        assert float(r["seconds_per_study"]) > float(r["forward_s"]) > 0
+        # the whole path includes a forward of the same slices, but with one repeat on shared cores either may come
+        # out faster (the bundled crop keeps most of its slices): only the figures' consistency is asserted
+        full, forward = float(r["seconds_per_study"]), float(r["forward_s"])
+        assert full > 0 and forward > 0 and float(r["forward_share"]) == pytest.approx(forward / full, abs=2e-3)
         assert 0 < int(r["slices_classified"]) <= int(r["slices"])
         assert float(r["slices_per_s"]) == pytest.approx(int(r["slices"]) / float(r["seconds_per_study"]), rel=1e-2)
         assert float(r["peak_rss_mib"]) > 0
