@@ -82,8 +82,8 @@ def run_bench(
             sel = pred.result["slices"]["selected"]
             x = det.inputs(to_unit(study.pixels[sel], study.intensity, window))
             x_all = det.inputs(to_unit(study.pixels, study.intensity, window))
-            _, t_fwd = _timed(_forward, det.model, x)
-            _, t_fwd_all = _timed(_forward, det.model, x_all)
+            _, t_fwd = _timed(bare_forward, det.model, x)
+            _, t_fwd_all = _timed(bare_forward, det.model, x_all)
             if r:
                 for k, v in zip(runs, (t_read, t_read + t_decision, t_full, t_fwd, t_fwd_all), strict=True):
                     runs[k].append(v)
@@ -136,7 +136,9 @@ def run_bench(
     return figures
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor) -> None:
+def bare_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 16) -> None:
+    """The model alone on already prepared inputs, in the predictor's batches: what the pipeline is measured
+    against (here and in :mod:`lungsight.speed`)."""
     with torch.inference_mode():
-        for i in range(0, len(x), 16):
-            model(x[i : i + 16])
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])

@@ -34,7 +34,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import nn
 
 from lungsight.about import __version__
-from lungsight.bench import resampled_nifti
+from lungsight.bench import bare_forward, resampled_nifti
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError
 from lungsight.examples import EXAMPLE_CT
@@ -130,12 +130,6 @@ def _on_device(det: Detector, device: torch.device) -> Detector:
     return det if device.type == "cpu" else Detector(OnDevice(det.model, device), det.config, det.entry)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, batch_size: int = 16) -> None:
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-
-
 def measure_cell(det: Detector, path: Path, repeats: int) -> CellTimes:
     """Median seconds of the whole predict path (file -> outputs on disk) and of the bare forward of the same
     classified slices (already preprocessed), ``repeats`` times each."""
@@ -151,7 +145,7 @@ def measure_cell(det: Detector, path: Path, repeats: int) -> CellTimes:
             kept = pred.result["slices"]["selected"]
             x = det.inputs(to_unit(study.pixels[kept], study.intensity, tuple(det.config["window"])))
             t = time.perf_counter()
-            _forward(det.model, x)
+            bare_forward(det.model, x)
             fwd.append(time.perf_counter() - t)
     return CellTimes(statistics.median(full), statistics.median(fwd), len(kept))
 
