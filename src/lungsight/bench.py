@@ -12,7 +12,6 @@ pipeline and for the bare forward).
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lungsight.cores import usable_cores
 from lungsight.examples import EXAMPLE_CT
 from lungsight.inference.detector import Detector
 from lungsight.io import load_study
@@ -68,7 +68,7 @@ def run_bench(
 ) -> dict[str, float]:
     """Time the predict paths and the bare forward; print and return the figures (medians over ``repeats``, and the
     best round's)."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or usable_cores())
     det = Detector.from_pretrained(model)
     window = tuple(det.config["window"])
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
