@@ -58,8 +58,12 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
     pred = det.predict(study)
     _, t_out = _timed(pred.save, out)
     t = pred.result["timings_s"]
-    return {"read": t_read, "select": t["preprocess"], "classify": t["inference"], "explain": t["explain"]} | {
-        "outputs": t_out
+    return {
+        "read": t_read,
+        "select": t["preprocess"],
+        "classify": t["inference"],
+        "explain": t["explain"],
+        "outputs": t_out,
     }
 
 
