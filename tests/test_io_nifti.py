@@ -59,7 +59,7 @@ def test_vertebra_at_the_bottom(ct_sm) -> None:
 
 def test_storage_orientation_does_not_matter(ct_sm, ct_nifti_sm: Path, tmp_path: Path) -> None:
     image = nib.load(ct_nifti_sm)
-    for codes in (("L", "P", "S"), ("P", "I", "R")):
+    for codes in (("L", "P", "S"), ("R", "A", "I"), ("L", "A", "I"), ("P", "I", "R")):
         stored = image.as_reoriented(ornt_transform(io_orientation(image.affine), axcodes2ornt(codes)))
         path = tmp_path / f"{''.join(codes)}.nii.gz"
         nib.save(stored, path)
@@ -181,3 +181,43 @@ def test_gzip_suffix_detected_by_name(ct_nifti_sm: Path, tmp_path: Path) -> None
     path = tmp_path / "volume.nii"
     path.write_bytes(gzip.decompress(ct_nifti_sm.read_bytes()))
     assert load_study(path).pixels.shape == (30, 101, 122)
+
+
+def test_axial_storage_is_streamed_and_other_storage_is_not(ct_sm, ct_nifti_sm: Path, tmp_path: Path) -> None:
+    """Slices stored along z (any axis flipped) are read slab by slab as they are decompressed; a volume stored
+    along another axis goes through nibabel's reorientation. Both give the same Study."""
+    from lungsight.io.nifti import _read_streamed
+
+    image = nib.load(ct_nifti_sm)
+    for codes, streamed in ((("R", "P", "I"), True), (("A", "R", "S"), False), (("I", "R", "P"), False)):
+        stored = image.as_reoriented(ornt_transform(io_orientation(image.affine), axcodes2ornt(codes)))
+        path = tmp_path / f"{''.join(codes)}.nii.gz"
+        nib.save(stored, path)
+        study = _read_streamed(path, path.name, 10**9)
+        assert (study is not None) is streamed, codes
+        np.testing.assert_array_equal(load_study(path).pixels, ct_sm.pixels)
+
+
+def test_streamed_slabs_and_plain_zlib_give_the_same_volume(
+    ct_sm, ct_nifti_sm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slabs that do not divide the slice count, and Python's zlib where ISA-L is not installed."""
+    import lungsight.io.nifti as nifti
+
+    plane = 101 * 122 * nib.load(ct_nifti_sm).get_data_dtype().itemsize
+    monkeypatch.setattr(nifti, "SLAB_BYTES", 7 * plane)  # 30 slices: 4 slabs of 7 and one of 2
+    np.testing.assert_array_equal(load_study(ct_nifti_sm).pixels, ct_sm.pixels)
+    monkeypatch.setattr(nifti, "igzip_threaded", None)
+    np.testing.assert_array_equal(load_study(ct_nifti_sm).pixels, ct_sm.pixels)
+
+
+def test_truncated_voxel_data_is_named_and_leaves_no_thread(ct_nifti_sm: Path, tmp_path: Path) -> None:
+    import threading
+
+    data = gzip.decompress(ct_nifti_sm.read_bytes())
+    path = tmp_path / "short.nii.gz"
+    path.write_bytes(gzip.compress(data[: len(data) // 2]))
+    before = threading.active_count()
+    with pytest.raises(InputError, match=r"short\.nii\.gz: corrupt NIfTI voxel data \(EOFError\)"):
+        load_study(path)
+    assert threading.active_count() == before

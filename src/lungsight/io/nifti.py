@@ -6,26 +6,36 @@ inferior→superior, rows anterior (top)→posterior and columns patient-right (
 layout of a DICOM axial series sorted along +z. Only the voxel data, the zooms and the orientation codes are
 used; the header's free-text fields (``descrip``, ``db_name``, ``aux_file``, ``intent_name``) never reach
 the Study.
+
+Most CT volumes are stored slice by slice along the patient's z axis (axial, possibly flipped in any axis): those
+are streamed (:func:`_read_streamed`), each slab of slices converted to float32 display order as it is
+decompressed, with ISA-L decompressing in a thread of its own, so that decompression and conversion overlap and
+the stored integers never exist as a whole volume. Any other layout (sagittal or coronal storage, NIfTI-2, complex
+or RGB voxels) goes through nibabel's reorientation (:func:`_read_image`).
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 from nibabel.affines import obliquity
 from nibabel.filebasedimages import ImageFileError
+from nibabel.orientations import io_orientation
 from nibabel.spatialimages import HeaderDataError
+from nibabel.wrapstruct import WrapStructError
 
 try:
-    from isal import igzip
-except ImportError:  # optional: nibabel's zlib opener is used instead
-    igzip = None
+    from isal import igzip, igzip_threaded
+except ImportError:  # optional: nibabel's and Python's zlib openers are used instead
+    igzip = igzip_threaded = None
 
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.study import Study
@@ -75,20 +85,31 @@ def _display_hu(image: nib.Nifti1Image) -> tuple[np.ndarray, bool]:
         raw, slope, inter = np.asanyarray(image.dataobj.get_unscaled()), image.dataobj.slope, image.dataobj.inter
     else:
         raw, slope, inter = np.asanyarray(image.dataobj), 1.0, 0.0
-    finite_by_type = (
-        np.issubdtype(raw.dtype, np.integer)
-        and bool(np.isfinite([slope, inter]).all())
-        and float(max(abs(np.iinfo(raw.dtype).min), np.iinfo(raw.dtype).max)) * abs(slope) + abs(inter)
-        < float(np.finfo(np.float32).max)
-    )
-    maybe_non_finite = not finite_by_type
+    maybe_non_finite = _maybe_non_finite(raw.dtype, slope, inter)
     pixels = to_display(raw, np.float32)
     del raw
+    _scale(pixels, slope, inter)
+    return pixels, maybe_non_finite
+
+
+def _maybe_non_finite(dtype: np.dtype, slope: float, inter: float) -> bool:
+    """Whether stored values of ``dtype`` scaled by ``slope`` and ``inter`` can be NaN or infinite in float32 (not
+    when integers are stored and the scaling is finite and cannot overflow)."""
+    finite_by_type = (
+        np.issubdtype(dtype, np.integer)
+        and bool(np.isfinite([slope, inter]).all())
+        and float(max(abs(np.iinfo(dtype).min), np.iinfo(dtype).max)) * abs(slope) + abs(inter)
+        < float(np.finfo(np.float32).max)
+    )
+    return not finite_by_type
+
+
+def _scale(pixels: np.ndarray, slope: float, inter: float) -> None:
+    """Apply ``scl_slope``/``scl_inter`` in place."""
     if slope != 1.0:
         pixels *= np.float32(slope)
     if inter != 0.0:
         pixels += np.float32(inter)
-    return pixels, maybe_non_finite
 
 
 def _load_canonical(image: nib.Nifti1Image, label: str) -> tuple[nib.Nifti1Image, str]:
@@ -110,37 +131,56 @@ def _load_canonical(image: nib.Nifti1Image, label: str) -> tuple[nib.Nifti1Image
 def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study:
     """Read a NIfTI CT volume (values in HU after ``scl_slope``/``scl_inter``) into a :class:`Study`."""
     try:
+        study = _read_streamed(path, label, max_pixels)
+        if study is not None:
+            return study
         with _nifti_file(path) as image:
             return _read_image(image, label, max_pixels)
     except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: not a readable NIfTI file ({type(exc).__name__})") from None
 
 
-def _read_image(image: nib.Nifti1Image, label: str, max_pixels: int) -> Study:
-    image, original_codes = _load_canonical(image, label)
-    notes: list[str] = []
-    i, j, _ = image.shape
+def _check_size(label: str, i: int, j: int, max_pixels: int) -> None:
     if i * j > max_pixels:
         raise InputError(
             f"{label}: {i}x{j} pixels per slice exceeds the limit of {max_pixels:,} pixels (set max_pixels)"
         )
-    qform_code, sform_code = int(image.header["qform_code"]), int(image.header["sform_code"])
-    if qform_code == 0 and sform_code == 0:
-        notes.append("the NIfTI header has no orientation (qform and sform codes are 0): RAS was assumed")
-    tilt = math.degrees(float(np.max(obliquity(image.affine))))
-    if tilt > 1.0:
-        notes.append(f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation")
+
+
+def _read_image(image: nib.Nifti1Image, label: str, max_pixels: int) -> Study:
+    image, original_codes = _load_canonical(image, label)
+    i, j, _ = image.shape
+    _check_size(label, i, j, max_pixels)
     try:
         pixels, maybe_non_finite = _display_hu(image)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return _study(pixels, maybe_non_finite, image.header, image.affine, zooms, original_codes)
+
+
+def _study(
+    pixels: np.ndarray,
+    maybe_non_finite: bool,
+    header: nib.Nifti1Header,
+    affine: np.ndarray,
+    zooms: tuple[float, ...],
+    original_codes: str,
+) -> Study:
+    """The :class:`Study` of display-order HU ``pixels``, with what the header says about their geometry."""
+    notes: list[str] = []
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if qform_code == 0 and sform_code == 0:
+        notes.append("the NIfTI header has no orientation (qform and sform codes are 0): RAS was assumed")
+    tilt = math.degrees(float(np.max(obliquity(affine))))
+    if tilt > 1.0:
+        notes.append(f"the volume is oblique by {tilt:.1f} degrees; shown in the closest axis-aligned orientation")
     # one pass when all are finite; none when integers were stored
     bad = None if not maybe_non_finite or np.isfinite(pixels.sum(dtype=np.float64)) else ~np.isfinite(pixels)
     if bad is not None and bad.any():
         fill = float(np.min(pixels[~bad])) if (~bad).any() else -1024.0
         pixels[bad] = fill
         notes.append(f"{int(bad.sum())} voxels were NaN or infinite and were set to {fill:g}")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
     return Study(
         pixels=pixels,
         modality="CT",
@@ -149,4 +189,91 @@ def _read_image(image: nib.Nifti1Image, label: str, max_pixels: int) -> Study:
         source_format="nifti",
         metadata={"n_slices": int(pixels.shape[0]), "orientation": "axial", "nifti_axcodes": original_codes},
         warnings=notes,
+    )
+
+
+#: Bytes of stored voxels decompressed and converted at a time by the streaming reader (16 slices of 512 x 512
+#: int16): large enough for few Python calls, small enough to stay in cache between the two steps.
+SLAB_BYTES = 8 << 20
+
+
+def _stream(path: Path) -> BinaryIO:
+    """``path``'s bytes, decompressed when its name ends in ``.gz``: by ISA-L in a thread of its own (which runs
+    beside the caller's conversion) when ``isal`` is installed, else by Python's zlib."""
+    if not path.name.lower().endswith(".gz"):
+        return open(path, "rb")
+    if igzip_threaded is not None:
+        return igzip_threaded.open(path, "rb", threads=1)
+    return gzip.open(path, "rb")
+
+
+def _read_exactly(f: BinaryIO, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise EOFError(f"the voxel data ends after {got} of {len(view)} bytes")
+        got += n
+
+
+def _axial_layout(header: nib.Nifti1Header) -> np.ndarray | None:
+    """Which stored axes are flipped relative to canonical RAS (``[i, j, k]`` booleans) when the volume is stored as
+    slices along z with rows and columns along the canonical x and y (any of the three flipped); ``None`` for any
+    other storage (which needs a transpose) or voxel type."""
+    shape = header.get_data_shape()
+    dtype = header.get_data_dtype()
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape) < 1:
+        return None
+    if dtype.kind not in "iuf" or dtype.fields is not None or dtype.subdtype is not None:
+        return None
+    ornt = io_orientation(header.get_best_affine())
+    if np.isnan(ornt).any() or list(ornt[:, 0]) != [0, 1, 2]:
+        return None
+    return ornt[:, 1] < 0
+
+
+def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
+    """Read a NIfTI-1 volume stored slice by slice along z as it is decompressed (see the module docstring); ``None``
+    when the file is stored otherwise (or is not NIfTI-1), for :func:`_read_image` to read."""
+    with _stream(path) as f:
+        try:
+            header = nib.Nifti1Header.from_fileobj(f)
+            flips = _axial_layout(header)
+        except (HeaderDataError, WrapStructError, OSError, EOFError, ValueError, zlib.error):
+            return None  # the general reader says what is wrong
+        if flips is None:
+            return None
+        ni, nj, nk = (int(n) for n in header.get_data_shape()[:3])
+        _check_size(label, ni, nj, max_pixels)
+        dtype = header.get_data_dtype()
+        slope, inter = header.get_slope_inter()
+        slope = 1.0 if slope is None else float(slope)
+        inter = 0.0 if inter is None else float(inter)
+        pixels = np.empty((nk, nj, ni), np.float32)
+        try:
+            skip = int(header.get_data_offset()) - f.tell()
+            if skip < 0:
+                raise ValueError("the voxel data starts inside the header")
+            f.read(skip)
+            plane = ni * nj * dtype.itemsize
+            per_slab = max(1, SLAB_BYTES // plane)
+            buffer = memoryview(bytearray(plane * min(per_slab, nk)))
+            flip_i, flip_j, flip_k = (bool(v) for v in flips)
+            for k0 in range(0, nk, per_slab):
+                n = min(per_slab, nk - k0)
+                _read_exactly(f, buffer[: plane * n])
+                # stored (i, j, k) in Fortran order is (k, j, i) in C order: a slab of slices, rows along j
+                raw = np.frombuffer(buffer, dtype, count=ni * nj * n).reshape(n, nj, ni)
+                # display rows run posterior-to-anterior reversed (canonical j descending), columns canonical i
+                # descending, slices canonical k ascending (see to_display)
+                shown = raw[:, :: 1 if flip_j else -1, :: 1 if flip_i else -1]
+                target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
+                np.copyto(target, shown, casting="unsafe")
+                _scale(target, slope, inter)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    affine = header.get_best_affine()
+    return _study(
+        pixels, _maybe_non_finite(dtype, slope, inter), header, affine, zooms, "".join(nib.aff2axcodes(affine))
     )
