@@ -346,3 +346,29 @@ def test_mirrored_axial_storage_is_shown_in_radiological_convention(
     study = load_study(tmp_path / "m")
     np.testing.assert_array_equal(study.pixels, real.pixels[-5:])
     assert any("mirrored" in w for w in study.warnings)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept"),
+    [
+        (np.int16, 1.0, -1024.0),
+        (np.uint16, 1.0, -1024.0),
+        (np.int16, 1.0, 0.0),
+        (np.int16, 2.5, -1024.0),
+        (np.uint16, 1.0, -1024.5),
+    ],
+)
+def test_ct_rescale_fast_path_matches_pydicom(dtype: type, slope: float, intercept: float) -> None:
+    """The usual CT rescale is one float32 addition; it must give exactly pydicom's float64 result (cast to
+    float32), and any other rescale goes through pydicom."""
+    from pydicom.dataset import Dataset
+
+    from lungsight.io.dicom import _ct_values
+
+    info = np.iinfo(dtype)
+    arr = np.linspace(info.min, info.max, 64 * 64).astype(dtype).reshape(64, 64)
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    out = np.empty((64, 64), np.float32)
+    _ct_values(arr, ds, out[::-1])  # the reader writes into flipped views
+    np.testing.assert_array_equal(out[::-1], apply_modality_lut(arr, ds).astype(np.float32))

@@ -362,6 +362,28 @@ def _xr_values(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, bool, b
     return shifted, float(high - low), voi_applied, inverted
 
 
+def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> None:
+    """Write the stored values ``arr`` as Hounsfield units (modality LUT or rescale) into ``out``.
+
+    The usual CT rescale (slope 1, a whole-number intercept, integers of at most 16 bits) is one float32 addition,
+    exact for these values; anything else goes through pydicom's :func:`apply_modality_lut` (float64).
+    """
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
+    simple = (
+        not ds.get("ModalityLUTSequence")
+        and slope == 1.0
+        and intercept is not None
+        and float(intercept).is_integer()
+        and abs(intercept) < 2**16
+        and arr.dtype.kind in "iu"
+        and arr.dtype.itemsize <= 2
+    )
+    if simple:
+        np.add(arr, np.float32(intercept), out=out, dtype=np.float32)
+    else:
+        out[...] = apply_modality_lut(arr, ds)
+
+
 def _kind(modality: str, requested: str | None, where: str) -> str:
     if modality == "CT":
         return "CT"
@@ -419,18 +441,18 @@ def read_dicom(
     voi_applied = inverted = False
     span = 0.0
     for k, header in enumerate(geometry.order):
+        target = pixels[k, :: -1 if geometry.flip_rows else 1, :: -1 if geometry.flip_cols else 1]
         with _quiet():
             try:
                 ds = dcmread(header.path, force=False)
             except Exception as exc:
                 raise InputError(f"{name(header.path)}: unreadable DICOM file ({type(exc).__name__})") from None
-            hidden = identifying_values(ds)
             if "PixelData" not in ds:
                 raise InputError(f"{name(header.path)}: no pixel data (truncated or damaged file)")
             try:
                 arr = ds.pixel_array
             except Exception as exc:
-                reason = redact(f"{type(exc).__name__}: {exc}", hidden)
+                reason = redact(f"{type(exc).__name__}: {exc}", identifying_values(ds))
                 raise InputError(f"{name(header.path)}: corrupt pixel data ({reason})") from None
             if arr.shape != (first.rows, first.cols):
                 raise InputError(
@@ -439,17 +461,13 @@ def read_dicom(
                 )
             try:
                 if kind == "CT":
-                    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+                    _ct_values(arr, ds, target)
                 else:
                     values, span, voi_applied, inverted = _xr_values(arr, ds)
+                    target[...] = values
             except Exception as exc:
-                reason = redact(f"{type(exc).__name__}: {exc}", hidden)
+                reason = redact(f"{type(exc).__name__}: {exc}", identifying_values(ds))
                 raise InputError(f"{name(header.path)}: invalid rescale or VOI LUT attributes ({reason})") from None
-        if geometry.flip_rows:
-            values = values[::-1]
-        if geometry.flip_cols:
-            values = values[:, ::-1]
-        pixels[k] = values
         if k == 0:
             metadata = whitelisted_metadata(ds)
 
