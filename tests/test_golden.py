@@ -70,8 +70,10 @@ def test_batch_apis_agree_with_predict(detector, shared_data):
     result = detector.predict(study, explain=False).result
     unit = to_unit(study.pixels, study.intensity)
     p_pos = [s["p"] for s in result["slice_probabilities"]]
-    np.testing.assert_allclose(detector.slice_probabilities(unit, batch_size=7)[:, -1], p_pos, atol=1e-5)
-    np.testing.assert_allclose(detector.image_probabilities(list(unit[:3]))[:, -1], p_pos[:3], atol=1e-5)
+    # predict windows the stored values in fewer passes (equal to to_unit's input up to about 1e-6): the
+    # probabilities agree to rounding through the network
+    np.testing.assert_allclose(detector.slice_probabilities(unit, batch_size=7)[:, -1], p_pos, atol=1e-4)
+    np.testing.assert_allclose(detector.image_probabilities(list(unit[:3]))[:, -1], p_pos[:3], atol=1e-4)
 
 
 def test_one_pass_explanation_matches_a_separate_grad_cam(detector):

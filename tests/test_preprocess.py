@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from lungsight.preprocess.selection import BOX_X, BOX_Y, dark_counts, dark_level, select_slices
-from lungsight.preprocess.transforms import augmentation, fit_square, model_batch, unfit_square
+from lungsight.preprocess.transforms import (
+    augmentation,
+    fit_square,
+    model_batch,
+    unfit_square,
+    windowed_model_batch,
+)
 from lungsight.preprocess.window import LUNG_WINDOW, to_unit, unit_bounds
 
 
@@ -137,3 +143,25 @@ def test_a_subset_of_a_16_bit_study_is_mapped_with_the_whole_study_s_bounds():
     assert to_unit(study[:4], "grey16").max() == 1.0 and whole[:4].max() < 0.3
     assert unit_bounds(study, "hu", (-1000.0, 200.0)) == (-1000.0, 200.0)
     assert unit_bounds(study, "grey8") == (0.0, 255.0)
+
+
+@pytest.mark.parametrize(
+    ("intensity", "shape", "size"),
+    [("hu", (5, 64, 64), 24), ("hu", (3, 40, 56), 24), ("grey8", (4, 16, 16), 24), ("hu", (2, 24, 24), 24)],
+)
+def test_windowed_model_batch_is_model_batch_of_the_windowed_values(intensity, shape, size):
+    """Clipping before the resize and scaling after it gives the unit path's input up to rounding: shrinking
+    (square and not), enlarging and no resize, values far outside the window included."""
+    rng = np.random.default_rng(7)
+    if intensity == "hu":
+        values = rng.normal(-600.0, 900.0, shape).astype(np.float32)
+    else:
+        values = rng.integers(0, 256, shape).astype(np.float32)
+    bounds = unit_bounds(values, intensity)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = model_batch(to_unit(values, intensity, bounds=bounds), size, 3, mean, std)
+    before = values.copy()
+    got = windowed_model_batch(values, bounds, size, 3, mean, std)
+    assert got.shape == expected.shape == (shape[0], 3, size, size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(values, before)  # the study's pixels are never written

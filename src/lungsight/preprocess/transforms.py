@@ -16,14 +16,17 @@ def fit_square(unit: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     edges that are not anatomy.
     """
     x = torch.as_tensor(unit, dtype=torch.float32)
-    if x.ndim == 2:
-        x = x[None]
+    return _square(x[None] if x.ndim == 2 else x, size).clamp_(0.0, 1.0)
+
+
+def _square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, H, W)`` -> ``(N, size, size)``, bilinear, antialiased when shrinking (``x`` itself when it fits)."""
     h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        x = F.interpolate(
-            x[:, None], size=(size, size), mode="bilinear", antialias=max(h, w) > size, align_corners=False
-        )[:, 0]
-    return x.clamp_(0.0, 1.0)
+    if (h, w) == (size, size):
+        return x
+    return F.interpolate(
+        x[:, None], size=(size, size), mode="bilinear", antialias=max(h, w) > size, align_corners=False
+    )[:, 0]
 
 
 def normalise(x: torch.Tensor, in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -39,6 +42,32 @@ def model_batch(
 ) -> torch.Tensor:
     """Grey slices in [0, 1] -> the normalised ``(N, C, size, size)`` tensor a model expects."""
     return normalise(fit_square(unit, size), in_chans, mean, std)
+
+
+def windowed_model_batch(
+    values: np.ndarray,
+    bounds: tuple[float, float],
+    size: int,
+    in_chans: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> torch.Tensor:
+    """Stored values ``(N, H, W)`` (HU, grey levels) -> the normalised model input: the same as
+    ``model_batch(to_unit(values, bounds=bounds), ...)`` up to float rounding (about 1e-6), in fewer passes.
+
+    The values are clipped to ``bounds`` (one pass at the stored size, on PyTorch's threads; ``values`` is never
+    written), resized, and only then scaled to [0, 1] and normalised, in one pass at the model's size: clipping
+    commutes with the window's increasing linear map, and the resize's weights are non-negative and sum to one, so
+    the result stays within the window.
+    """
+    lo, hi = (float(b) for b in bounds)
+    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    x = _square((x[None] if x.ndim == 2 else x).clamp(lo, hi), size)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    scale = 1.0 / (hi - lo)
+    gain, offset = scale / s, (-lo * scale - m) / s
+    return torch.addcmul(offset, x[:, None], gain).expand(-1, in_chans, -1, -1).contiguous()
 
 
 def augmentation(name: str) -> v2.Transform | None:
