@@ -9,6 +9,7 @@ from lungsight.preprocess.transforms import (
     augmentation,
     fit_square,
     model_batch,
+    tensor_view,
     unfit_square,
     windowed_model_batch,
 )
@@ -165,3 +166,14 @@ def test_windowed_model_batch_is_model_batch_of_the_windowed_values(intensity, s
     assert got.shape == expected.shape == (shape[0], 3, size, size)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(values, before)  # the study's pixels are never written
+
+
+def test_tensor_view_shares_memory_only_where_it_safely_can():
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert np.shares_memory(tensor_view(a).numpy(), a)
+    read_only = a.copy()
+    read_only.flags.writeable = False
+    for other in (a[::-1], a[:, :, ::2], read_only, a.astype(np.int16)):
+        t = tensor_view(other)  # no warning, no error on negative strides
+        assert t.dtype == torch.float32 and not np.shares_memory(t.numpy(), a)
+        np.testing.assert_array_equal(t.numpy(), other)

@@ -17,8 +17,10 @@ import re
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from lungsight.errors import InputContractError
+from lungsight.preprocess.transforms import tensor_view
 from lungsight.study import Study
 
 if TYPE_CHECKING:
@@ -50,7 +52,8 @@ def check_ct_contract(study: Study, source: str) -> None:
         raise InputContractError(f"{source}: this is an X-ray (Modality {dicom_modality}), the CT model cannot read it")
     pixels = study.pixels
     if study.intensity == "hu":
-        low, high = float(pixels.min()), float(pixels.max())
+        extremes = torch.aminmax(tensor_view(pixels))  # one pass on PyTorch's threads
+        low, high = float(extremes.min), float(extremes.max)
         if low >= 0 and high <= 255:
             raise InputContractError(
                 f"{source}: values {low:g}-{high:g} (within 0-255) look like display grey levels, not "

@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 
+def tensor_view(a: np.ndarray) -> torch.Tensor:
+    """``a`` as a float32 tensor that shares its memory where it can (a writeable, C-contiguous float32 array),
+    else a copy; callers only read it."""
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable:
+        return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
+
+
 def fit_square(unit: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """Resize ``(N, H, W)`` grey images in [0, 1] to ``size`` x ``size`` (bilinear, antialiased when shrinking).
 
@@ -61,7 +69,7 @@ def windowed_model_batch(
     the result stays within the window.
     """
     lo, hi = (float(b) for b in bounds)
-    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    x = tensor_view(values)
     x = _square((x[None] if x.ndim == 2 else x).clamp(lo, hi), size)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
