@@ -59,23 +59,27 @@ def _write_overlay(ev: Evidence, path: Path, xray: bool) -> None:
 def write_outputs(pred: Prediction, out_dir: Path) -> Path:
     """Write every output of ``pred`` into ``out_dir``; returns the path of report.html.
 
-    The overlays are drawn and encoded in parallel (NumPy and ISA-L's deflate release the GIL, and the model is
-    idle by now).
+    The overlays are drawn and encoded in worker threads (NumPy and ISA-L's deflate release the GIL, and the model
+    is idle by now) while this thread writes the slice chart; result.json, which names the overlays, and the report,
+    which embeds them, follow once they are all written.
     """
     ensure_dir(out_dir)
     result = pred.result
     xray = "slice_probabilities" not in result
     names = [f"overlays/{'xray' if xray else 'slice'}_{ev.index:04d}.png" for ev in pred.evidence]
-    workers = max(1, min(len(names), usable_cores(), 4))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsight-png") as pool:
-        # list() waits for every overlay and raises the first error
-        list(pool.map(lambda ev, rel: _write_overlay(ev, out_dir / rel, xray), pred.evidence, names))
     result["overlays"] = [
         {"index": ev.index, "label": ev.label, "p": ev.p, "file": rel, **ev.extra}
         for ev, rel in zip(pred.evidence, names, strict=True)
     ]
-    chart = slice_chart(result)  # None for an X-ray
-    if chart is not None:
-        atomic_write_text(out_dir / CHART_NAME, chart)
+    workers = max(1, min(len(names), usable_cores(), 4))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lungsight-png") as pool:
+        drawn = [
+            pool.submit(_write_overlay, ev, out_dir / rel, xray) for ev, rel in zip(pred.evidence, names, strict=True)
+        ]
+        chart = slice_chart(result)  # None for an X-ray
+        if chart is not None:
+            atomic_write_text(out_dir / CHART_NAME, chart)
+        for future in drawn:
+            future.result()  # raises the first error, before result.json names the overlays
     atomic_write_json(out_dir / "result.json", result)
     return write_report(result, out_dir)
