@@ -141,15 +141,12 @@ def save_overlay(
     over = overlay_image(slice01, cam, alpha=alpha, cmap=cmap, mask_outline=mask_outline)
     h, w = grey.shape
     width = 2 * w + PANEL_GAP
-    panel = np.full((h, width, 3), 255, dtype=np.uint8)
-    panel[:, :w] = grey[..., None]
-    panel[:, w + PANEL_GAP :] = over
-    image = Image.fromarray(panel)
-    if caption:
-        strip = _caption_strip(caption, width, size=min(22, max(11, round(h / 28))))
-        framed = Image.new("RGB", (width, h + strip.height))
-        framed.paste(image, (0, 0))
-        framed.paste(strip, (0, h))
-        image = framed
-    png = encode_png(np.asarray(image))
+    strip = _caption_strip(caption, width, size=min(22, max(11, round(h / 28)))) if caption else None
+    panel = np.empty((h + (strip.height if strip else 0), width, 3), dtype=np.uint8)  # drawn once, in place
+    panel[:h, :w] = grey[..., None]
+    panel[:h, w : w + PANEL_GAP] = 255
+    panel[:h, w + PANEL_GAP :] = over
+    if strip:
+        panel[h:] = np.asarray(strip)
+    png = encode_png(panel)
     return atomic_write(path, lambda tmp: tmp.write_bytes(png))
