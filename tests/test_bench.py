@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lungsight.bench import run_bench
+from lungsight.bench import paired_overhead, run_bench
 
 
 def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -15,6 +15,8 @@ def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixtur
     assert f["full_over_forward"] == pytest.approx(f["full_path_s"] / f["forward_classified_s"] - 1)
     assert f["best_full_slices_per_s"] >= f["full_slices_per_s"] * 0.999  # the best round is at least the median
     assert f["best_full_over_forward"] > -1 and f["best_decision_over_forward"] > -1
+    assert f["paired_full_over_forward"] > -1 and f["paired_decision_over_forward"] > -1
+    assert "paired (median of each round's own ratio)" in printed
     assert "bare model forward" in printed and "best round" in printed and "full path" in printed
     # the stages of the full path, timed inside it, account for most of it and no more than all of it
     stages = f["stages_s"]
@@ -22,3 +24,11 @@ def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixtur
     assert stages["read"] > 0 and stages["classify"] > 0 and stages["outputs"] > 0
     assert 0.5 * f["full_path_s"] < sum(stages.values()) < 1.2 * f["full_path_s"]
     assert "where the full path's time goes" in printed and "slice selection" in printed
+
+
+def test_paired_overhead_is_the_median_of_each_round_s_own_ratio() -> None:
+    # rounds: +20 %, +100 % (a slow spell for the path only), +10 %; and a slow spell that hit both
+    assert paired_overhead([1.2, 2.0, 1.1], [1.0, 1.0, 1.0]) == pytest.approx(0.2)
+    assert paired_overhead([1.2, 2.4, 1.1], [1.0, 2.0, 1.0]) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        paired_overhead([1.0], [1.0, 1.0])

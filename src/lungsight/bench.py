@@ -5,9 +5,10 @@ timed path starts from a file on disk like a real prediction: read -> slice sele
 forward -> rules -> Grad-CAM on the top-k slices -> result.json, overlays, report.html. The bare forward runs the
 same model on the same (already preprocessed) slices that the pipeline classified, in the same process, right after.
 Ratios measured in one run are the honest figure on shared machines; absolute numbers move with the load. Each
-figure is given twice: the median over the rounds, and the best round (the fastest time of each stage, as
-``timeit`` advises: slower rounds are mostly other processes' doing, and the best is the same estimator for the
-pipeline and for the bare forward).
+figure is given three ways: the ratio of the medians over the rounds; the best round's (the fastest time of each
+path, as ``timeit`` advises: slower rounds are mostly other processes' doing, and the best is the same estimator
+for the pipeline and for the bare forward); and the paired one, the median over the rounds of each round's own
+ratio (a path and the bare forward timed seconds apart share that moment's load, so a slow spell moves both).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
     }
 
 
+def paired_overhead(path_s: list[float], forward_s: list[float]) -> float:
+    """The median over rounds of each round's ``path / forward - 1``."""
+    return statistics.median(t / f - 1.0 for t, f in zip(path_s, forward_s, strict=True))
+
+
 def run_bench(
     study_path: Path | None, model: str, *, n_slices: int = 100, repeats: int = 3, threads: int | None = None
 ) -> dict[str, float]:
@@ -95,6 +101,7 @@ def run_bench(
                     stages[k].append(v)
     med = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
+    paired = {k: paired_overhead(runs[k], runs["forward"]) for k in ("decision", "full")}
     kept = len(sel)
     figures = {
         "slices": n_slices,
@@ -111,6 +118,8 @@ def run_bench(
         "best_decision_over_forward": best["decision"] / best["forward"] - 1.0,
         "best_full_over_forward": best["full"] / best["forward"] - 1.0,
         "best_full_slices_per_s": n_slices / best["full"],
+        "paired_decision_over_forward": paired["decision"],
+        "paired_full_over_forward": paired["full"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stages_s": {k: statistics.median(v) for k, v in stages.items()},
     }
@@ -133,6 +142,10 @@ def run_bench(
         f"  best round: bare forward {best['forward']:.3f} s, decision path {best['decision']:.3f} s "
         f"({100 * figures['best_decision_over_forward']:.0f} % over), full path {best['full']:.3f} s "
         f"({100 * figures['best_full_over_forward']:.0f} % over, {figures['best_full_slices_per_s']:.0f} slices/s)"
+    )
+    print(
+        f"  paired (median of each round's own ratio): decision path {100 * paired['decision']:.0f} % over, "
+        f"full path {100 * paired['full']:.0f} % over the bare forward"
     )
     parts = ", ".join(f"{STAGES[k]} {v:.3f} s" for k, v in figures["stages_s"].items())
     print(f"  where the full path's time goes (medians): {parts}")
