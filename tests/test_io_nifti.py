@@ -221,3 +221,55 @@ def test_truncated_voxel_data_is_named_and_leaves_no_thread(ct_nifti_sm: Path, t
     with pytest.raises(InputError, match=r"short\.nii\.gz: corrupt NIfTI voxel data \(EOFError\)"):
         load_study(path)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("dtype", ["i1", "u1", "i2", "u2", "i4", "f4", "f8"])
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_streamed_and_general_readers_agree_on_every_voxel_type_and_scaling(
+    dtype: str, byte_order: str, tmp_path: Path
+) -> None:
+    """The streaming reader against nibabel's reorientation (which the flipped affine sends the general reader
+    through): every stored type in both byte orders, with no scaling, nibabel's "no scaling" slope 0 and NaN, a
+    CT rescale, a fractional one and one that overflows float32; NaN voxels included."""
+    import struct
+
+    from lungsight.io.nifti import _nifti_file, _read_image, _read_streamed
+
+    rng = np.random.default_rng(3)
+    kind = np.dtype(dtype).kind
+    data = rng.normal(0, 50, (7, 6, 5)) if kind == "f" else rng.integers(0, 100, (7, 6, 5))
+    data = data.astype(np.dtype(dtype).newbyteorder(byte_order))
+    if kind == "f":
+        data.flat[3] = np.nan
+    plain = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, 1.0, -1.0, 1.0])), plain)
+    stored = plain.read_bytes()
+    order = "<" if stored[:4] == struct.pack("<i", 348) else ">"
+    for k, (slope, inter) in enumerate(
+        [(1.0, 0.0), (0.0, 5.0), (np.nan, np.nan), (2.0, -1024.0), (0.5, 0.25), (1e38, 0)]
+    ):
+        scaled = bytearray(stored)
+        scaled[112:120] = struct.pack(order + "ff", slope, inter)  # scl_slope, scl_inter
+        for path in (tmp_path / f"{k}.nii", tmp_path / f"{k}.nii.gz"):
+            path.write_bytes(gzip.compress(bytes(scaled)) if path.suffix == ".gz" else bytes(scaled))
+            with np.errstate(over="ignore", invalid="ignore"):
+                streamed = _read_streamed(path, path.name, 10**9)
+                with _nifti_file(path) as image:
+                    general = _read_image(image, path.name, 10**9)
+            assert streamed is not None
+            np.testing.assert_array_equal(streamed.pixels, general.pixels)
+            assert streamed.warnings == general.warnings and streamed.metadata == general.metadata
+            assert streamed.spacing == general.spacing
+
+
+def test_a_scaling_that_overflows_is_reported_without_a_numpy_warning(tmp_path: Path) -> None:
+    import warnings
+
+    image = nib.Nifti1Image(np.full((4, 4, 3), 30000, np.int16), np.eye(4))
+    image.header.set_slope_inter(1e38, 0.0)
+    nib.save(image, tmp_path / "huge.nii")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        study = load_study(tmp_path / "huge.nii")
+    assert np.isfinite(study.pixels).all()
+    assert any("48 voxels were NaN or infinite" in w for w in study.warnings)

@@ -131,11 +131,13 @@ def _load_canonical(image: nib.Nifti1Image, label: str) -> tuple[nib.Nifti1Image
 def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study:
     """Read a NIfTI CT volume (values in HU after ``scl_slope``/``scl_inter``) into a :class:`Study`."""
     try:
-        study = _read_streamed(path, label, max_pixels)
-        if study is not None:
-            return study
-        with _nifti_file(path) as image:
-            return _read_image(image, label, max_pixels)
+        # values that overflow float32 once scaled become infinite and are reported in the Study's warnings
+        with np.errstate(over="ignore", invalid="ignore"):
+            study = _read_streamed(path, label, max_pixels)
+            if study is not None:
+                return study
+            with _nifti_file(path) as image:
+                return _read_image(image, label, max_pixels)
     except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: not a readable NIfTI file ({type(exc).__name__})") from None
 
@@ -259,6 +261,7 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
             per_slab = max(1, SLAB_BYTES // plane)
             buffer = memoryview(bytearray(plane * min(per_slab, nk)))
             flip_i, flip_j, flip_k = (bool(v) for v in flips)
+            wide = dtype.itemsize > 4 or (dtype.kind in "iu" and dtype.itemsize == 4)  # not exact in float32
             for k0 in range(0, nk, per_slab):
                 n = min(per_slab, nk - k0)
                 _read_exactly(f, buffer[: plane * n])
@@ -268,8 +271,11 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
                 # descending, slices canonical k ascending (see to_display)
                 shown = raw[:, :: 1 if flip_j else -1, :: 1 if flip_i else -1]
                 target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
-                np.copyto(target, shown, casting="unsafe")
-                _scale(target, slope, inter)
+                if wide and (slope != 1.0 or inter != 0.0):  # scaled before rounding to float32, as nibabel does
+                    np.copyto(target, shown * slope + inter, casting="unsafe")
+                else:
+                    np.copyto(target, shown, casting="unsafe")
+                    _scale(target, slope, inter)
         except (OSError, EOFError, ValueError, zlib.error) as exc:
             raise InputError(f"{label}: corrupt NIfTI voxel data ({type(exc).__name__})") from None
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
