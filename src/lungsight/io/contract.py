@@ -39,9 +39,13 @@ def _warn(study: Study, message: str) -> None:
         study.warnings.append(message)
 
 
+#: About this many voxels (a strided subset) estimate the contract's percentiles and shares on a large volume.
+SAMPLE_SIZE = 250_000
+
+
 def _sample(pixels: np.ndarray) -> np.ndarray:
-    """An in-plane strided subset of at most ~1 million values, for statistics on large volumes."""
-    step = max(1, math.ceil(math.sqrt(pixels.size / 1_000_000)))
+    """An in-plane strided subset of at most about :data:`SAMPLE_SIZE` values, for statistics on large volumes."""
+    step = max(1, math.ceil(math.sqrt(pixels.size / SAMPLE_SIZE)))
     return pixels[:, ::step, ::step]
 
 
