@@ -273,3 +273,17 @@ def test_a_scaling_that_overflows_is_reported_without_a_numpy_warning(tmp_path: 
         study = load_study(tmp_path / "huge.nii")
     assert np.isfinite(study.pixels).all()
     assert any("48 voxels were NaN or infinite" in w for w in study.warnings)
+
+
+def test_a_header_describing_a_huge_volume_is_a_clear_error(tmp_path: Path) -> None:
+    """32,000 slices of 512 x 512 (31 GiB as float32) promised by a 0.5 MB file: named, never a MemoryError."""
+    import struct
+
+    stored = bytearray(nib.Nifti1Image(np.zeros((512, 512, 2), np.int16), np.eye(4)).to_bytes())
+    stored[46:48] = struct.pack("<h", 32000)  # dim[3]
+    (tmp_path / "huge.nii").write_bytes(bytes(stored))
+    with pytest.raises(InputError, match=r"huge\.nii: truncated NIfTI file: its header describes 32000 slices"):
+        load_study(tmp_path / "huge.nii")
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(bytes(stored)))
+    with pytest.raises(InputError, match=r"huge\.nii\.gz: (the volume its header describes does not fit|corrupt)"):
+        load_study(tmp_path / "huge.nii.gz")

@@ -140,6 +140,8 @@ def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study
                 return _read_image(image, label, max_pixels)
     except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{label}: not a readable NIfTI file ({type(exc).__name__})") from None
+    except MemoryError as exc:  # a header that describes a volume larger than this machine's memory
+        raise InputError(f"{label}: the volume its header describes does not fit in memory ({exc})") from None
 
 
 def _check_size(label: str, i: int, j: int, max_pixels: int) -> None:
@@ -248,6 +250,12 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
         ni, nj, nk = (int(n) for n in header.get_data_shape()[:3])
         _check_size(label, ni, nj, max_pixels)
         dtype = header.get_data_dtype()
+        needed, held = int(header.get_data_offset()) + ni * nj * nk * dtype.itemsize, path.stat().st_size
+        if not path.name.lower().endswith(".gz") and held < needed:  # known before allocating anything
+            raise InputError(
+                f"{label}: truncated NIfTI file: its header describes {nk} slices of {ni}x{nj} "
+                f"({needed / 1e6:.1f} MB with the header) but the file holds {held / 1e6:.1f} MB"
+            )
         slope, inter = header.get_slope_inter()
         slope = 1.0 if slope is None else float(slope)
         inter = 0.0 if inter is None else float(inter)
