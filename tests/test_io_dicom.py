@@ -372,3 +372,18 @@ def test_ct_rescale_fast_path_matches_pydicom(dtype: type, slope: float, interce
     out = np.empty((64, 64), np.float32)
     _ct_values(arr, ds, out[::-1])  # the reader writes into flipped views
     np.testing.assert_array_equal(out[::-1], apply_modality_lut(arr, ds).astype(np.float32))
+
+
+def test_headers_describing_more_pixels_than_memory_holds_are_a_clear_error(
+    ct_dicom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever reader runs out of memory on what the headers promise, the user gets one line naming the input."""
+    import lungsight.io as io
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 93.1 GiB for an array with shape (400, 8000, 8000)")
+
+    monkeypatch.setattr(io, "read_dicom", exhausted)
+    with pytest.raises(InputError, match="do not fit in memory") as info:
+        load_study(ct_dicom_dir)
+    assert str(ct_dicom_dir) in str(info.value)

@@ -169,14 +169,17 @@ def load_study(
     source = Path(path)
     label = str(source)
     with _opened(source, label) as target:
-        study = _read(
-            target,
-            label,
-            series_uid=series_uid,
-            modality=modality,
-            tiff_intercept=tiff_intercept,
-            max_pixels=max_pixels,
-        )
+        try:
+            study = _read(
+                target,
+                label,
+                series_uid=series_uid,
+                modality=modality,
+                tiff_intercept=tiff_intercept,
+                max_pixels=max_pixels,
+            )
+        except MemoryError as exc:  # headers that describe more pixels than this machine holds
+            raise InputError(f"{label}: the images its headers describe do not fit in memory ({exc})") from None
     if series_uid is not None and not study.source_format.startswith("dicom"):
         study.warnings.append("series_uid was ignored: the input is not DICOM")
     if modality is not None and study.modality != modality:
