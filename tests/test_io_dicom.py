@@ -387,3 +387,102 @@ def test_headers_describing_more_pixels_than_memory_holds_are_a_clear_error(
     with pytest.raises(InputError, match="do not fit in memory") as info:
         load_study(ct_dicom_dir)
     assert str(ct_dicom_dir) in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def uncompressed_series(ct_dicom_dir: Path, tmp_path_factory: pytest.TempPathFactory, dicom_copy) -> Path:
+    """The real series decompressed to Explicit VR Little Endian, the usual layout of a PACS export."""
+    out = tmp_path_factory.mktemp("uncompressed")
+    dicom_copy(ct_dicom_dir, out, decompress=True)
+    return out
+
+
+def _raw_reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record what every call of the raw reader returned."""
+    import lungsight.io.dicom as dicom
+
+    seen: list[bool] = []
+    real = dicom._read_raw_ct
+
+    def recording(header, out):
+        seen.append(real(header, out))
+        return seen[-1]
+
+    monkeypatch.setattr(dicom, "_read_raw_ct", recording)
+    return seen
+
+
+def test_uncompressed_slices_are_read_raw_and_match_pydicom(
+    ct_dicom_dir: Path, uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
+) -> None:
+    """Explicit and implicit VR: every slice read straight from the file, voxel for voxel what pydicom gives for
+    the same series compressed (JPEG 2000, which only pydicom reads), metadata and all."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    reference = load_study(ct_dicom_dir)
+    implicit = tmp_path / "implicit"
+
+    def to_implicit(ds, index):
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+    dicom_copy(uncompressed_series, implicit, edit=to_implicit)
+    for folder in (uncompressed_series, implicit):
+        seen = _raw_reads(monkeypatch)
+        study = load_study(folder)
+        assert seen == [True] * 20, folder.name
+        np.testing.assert_array_equal(study.pixels, reference.pixels)
+        assert study.metadata == reference.metadata and study.spacing == reference.spacing
+
+
+@pytest.mark.parametrize(("signed", "stored"), [(False, 12), (True, 12), (True, 16), (False, 16), (True, 10)])
+def test_raw_reading_masks_or_sign_extends_as_pydicom(
+    uncompressed_series: Path, tmp_path: Path, dicom_read, signed: bool, stored: int
+) -> None:
+    """Garbage in the unused high bits: masked off for unsigned pixels, the sign extended from the highest
+    stored bit for signed ones, exactly as pydicom decodes them."""
+    from lungsight.io.dicom import _read_header, _read_raw_ct
+
+    ds = dicom_read(sorted(uncompressed_series.glob("*.dcm"))[0])
+    values = np.random.default_rng(stored).integers(0, 2**16, (ds.Rows, ds.Columns)).astype(np.uint16)
+    ds.PixelData = values.tobytes()
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), stored, stored - 1
+    path = tmp_path / "slice.dcm"
+    ds.save_as(path)
+    header = _read_header(path, str)
+    assert header is not None and header.raw is not None
+    out = np.empty((ds.Rows, ds.Columns), np.float32)
+    assert _read_raw_ct(header, out)
+    expected = dicom_read(path).pixel_array.astype(np.float64) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+
+
+def test_slices_the_raw_reader_does_not_take_go_through_pydicom(
+    uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
+) -> None:
+    """A fractional intercept or a slope other than 1: pydicom rescales them. Pixel data shorter than the header
+    says: pydicom's error, naming the file."""
+    reference = load_study(uncompressed_series).pixels
+
+    def fractional(ds, index):
+        ds.RescaleIntercept = -1024.5
+
+    def sloped(ds, index):
+        ds.RescaleSlope, ds.RescaleIntercept = 2, -2048
+
+    for edit, expected in ((fractional, reference - 0.5), (sloped, None)):
+        folder = tmp_path / edit.__name__
+        dicom_copy(uncompressed_series, folder, edit=edit)
+        seen = _raw_reads(monkeypatch)
+        study = load_study(folder)
+        assert seen == [False] * 20 and study.pixels.shape == reference.shape
+        if expected is not None:
+            np.testing.assert_array_equal(study.pixels, expected)
+
+    def truncated(ds, index):
+        if index == 3:
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+    folder = tmp_path / "truncated"
+    written = dicom_copy(uncompressed_series, folder, edit=truncated)
+    with pytest.raises(InputError, match=rf"{written[3].name}: corrupt pixel data"):
+        load_study(folder)

@@ -2,8 +2,11 @@
 
 Two passes keep memory flat: the first reads headers only (``stop_before_pixels=True``) to group files by
 SeriesInstanceUID, pick a series, check its geometry and sort it; the second decodes one file at a time into a
-preallocated float32 array. No pydicom dataset outlives the function that read it, and only whitelisted tags
-(:mod:`lungsight.io.deid`) reach the returned :class:`~lungsight.study.Study`.
+preallocated float32 array. The usual CT slice (uncompressed little-endian 16-bit pixels, the plain rescale) is
+read in the second pass straight from where the first pass found its pixel data, without parsing the header
+again (:func:`_read_raw_ct`); anything else, or anything unexpected there, goes through pydicom. No pydicom
+dataset outlives the function that read it, and only whitelisted tags (:mod:`lungsight.io.deid`) reach the
+returned :class:`~lungsight.study.Study`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
@@ -64,6 +68,18 @@ class _Header:
     pixel_spacing: tuple[float, float] | None
     thickness: float | None
     view: str = ""
+    raw: _RawPixels | None = None
+
+
+@dataclass(frozen=True)
+class _RawPixels:
+    """Where an uncompressed 16-bit CT slice's pixel data lies and how to turn it into HU without pydicom."""
+
+    offset: int  # of the PixelData element's tag in the file
+    explicit_vr: bool
+    bits_stored: int
+    signed: bool
+    intercept: float
 
 
 @contextmanager
@@ -99,8 +115,9 @@ def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | 
 def _read_header(path: Path, name: NameFn) -> _Header | None:
     """The header of ``path``; ``None`` for a DICOM object without an image (DICOMDIR, report, RTSTRUCT)."""
     try:
-        with _quiet():
-            ds = dcmread(path, force=False, stop_before_pixels=True)
+        with _quiet(), open(path, "rb") as fp:
+            ds = dcmread(fp, force=False, stop_before_pixels=True)
+            pixel_offset = fp.tell()  # pydicom stops at the PixelData element's tag
     except InvalidDicomError:
         raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except Exception as exc:
@@ -110,6 +127,7 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
     spacing = _floats(ds, "PixelSpacing", 2)
     file_meta = getattr(ds, "file_meta", None)
     instance = _number(ds, "InstanceNumber")
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     return _Header(
         path=path,
         uid=str(ds.get("SeriesInstanceUID", "") or ""),
@@ -122,12 +140,80 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         iop=_floats(ds, "ImageOrientationPatient", 6),
         ipp=_floats(ds, "ImagePositionPatient", 3),
         instance=None if instance is None else int(instance),
-        transfer_syntax=file_meta.get("TransferSyntaxUID") if file_meta is not None else None,
+        transfer_syntax=transfer_syntax,
         gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
         view=" ".join(str(ds.get("ViewPosition", "") or "").upper().split())[:16],
+        raw=_raw_pixels(ds, pixel_offset, transfer_syntax),
     )
+
+
+_RAW_SYNTAXES = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # -> explicit VR
+
+
+def _raw_pixels(ds: Dataset, offset: int, transfer_syntax: UID | None) -> _RawPixels | None:
+    """Where to read ``ds``'s pixels without pydicom, for the usual CT slice only: uncompressed little-endian,
+    16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept."""
+    explicit = _RAW_SYNTAXES.get(transfer_syntax) if transfer_syntax is not None else None
+    if explicit is None or "ModalityLUTSequence" in ds:
+        return None
+    stored, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
+    representation, intercept = _number(ds, "PixelRepresentation"), _number(ds, "RescaleIntercept")
+    if (
+        _number(ds, "BitsAllocated") != 16
+        or stored is None
+        or not 1 <= stored <= 16
+        or high != stored - 1
+        or representation not in (0, 1)
+        or _number(ds, "RescaleSlope") != 1.0
+        or intercept is None
+        or not float(intercept).is_integer()
+        or abs(intercept) >= 2**16
+    ):
+        return None
+    return _RawPixels(offset, explicit, int(stored), representation == 1, float(intercept))
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
+    """Write the slice of ``header`` as HU into ``out`` straight from the file (see :func:`_raw_pixels`), exactly
+    as pydicom decodes and rescales it (unused high bits masked, or the sign extended from the bits stored).
+    ``False``, with ``out`` untouched, when the file is not as its header promised: pydicom then reads it."""
+    raw = header.raw
+    if raw is None or header.samples != 1 or header.frames != 1:
+        return False
+    count = header.rows * header.cols
+    with open(header.path, "rb") as fp:
+        fp.seek(raw.offset)
+        element = fp.read(12 if raw.explicit_vr else 8)
+        if len(element) < (12 if raw.explicit_vr else 8) or element[:4] != _PIXEL_DATA_TAG:
+            return False
+        if raw.explicit_vr and (element[4:6] not in (b"OW", b"OB") or element[6:8] != b"\0\0"):
+            return False
+        (length,) = struct.unpack("<I", element[-4:])
+        if length == 0xFFFFFFFF or length < 2 * count:  # encapsulated, or short: pydicom says what is wrong
+            return False
+        values = np.fromfile(fp, dtype="<i2" if raw.signed else "<u2", count=count)
+    if values.size != count:
+        return False
+    if raw.bits_stored < 16:
+        unused = 16 - raw.bits_stored
+        values = (values << unused) >> unused if raw.signed else values & np.uint16((1 << raw.bits_stored) - 1)
+    np.add(values.reshape(header.rows, header.cols), np.float32(raw.intercept), out=out, dtype=np.float32)
+    return True
+
+
+def _header_metadata(path: Path, name: NameFn) -> dict[str, object]:
+    """The whitelisted tags of ``path``'s header (:func:`lungsight.io.deid.whitelisted_metadata`)."""
+    try:
+        with _quiet():
+            ds = dcmread(path, force=False, stop_before_pixels=True)
+    except Exception as exc:
+        raise InputError(f"{name(path)}: unreadable DICOM header ({type(exc).__name__})") from None
+    return whitelisted_metadata(ds)
 
 
 def _normal(iop: np.ndarray) -> np.ndarray:
@@ -437,11 +523,12 @@ def read_dicom(
     notes.extend(geometry.warnings)
     first = geometry.order[0]
     pixels = np.empty((len(geometry.order), first.rows, first.cols), dtype=np.float32)
-    metadata: dict[str, object] = {}
     voi_applied = inverted = False
     span = 0.0
     for k, header in enumerate(geometry.order):
         target = pixels[k, :: -1 if geometry.flip_rows else 1, :: -1 if geometry.flip_cols else 1]
+        if kind == "CT" and _read_raw_ct(header, target):
+            continue
         with _quiet():
             try:
                 ds = dcmread(header.path, force=False)
@@ -468,14 +555,13 @@ def read_dicom(
             except Exception as exc:
                 reason = redact(f"{type(exc).__name__}: {exc}", identifying_values(ds))
                 raise InputError(f"{name(header.path)}: invalid rescale or VOI LUT attributes ({reason})") from None
-        if k == 0:
-            metadata = whitelisted_metadata(ds)
 
     if kind == "CT" and first.photometric == "MONOCHROME1":
         notes.append(
             "CT stored as MONOCHROME1: rescaled values are Hounsfield units whatever the display "
             "polarity, so they were not inverted; check the images look right"
         )
+    metadata: dict[str, object] = _header_metadata(first.path, name)
     metadata.update(series_id=series_id(chosen), n_slices=len(geometry.order), orientation=_orientation(first.iop))
     if kind == "XR":
         metadata.update(voi_lut_applied=voi_applied, monochrome1_inverted=inverted)
