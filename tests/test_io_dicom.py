@@ -486,3 +486,21 @@ def test_slices_the_raw_reader_does_not_take_go_through_pydicom(
     written = dicom_copy(uncompressed_series, folder, edit=truncated)
     with pytest.raises(InputError, match=rf"{written[3].name}: corrupt pixel data"):
         load_study(folder)
+
+
+def test_a_slice_that_vanishes_after_the_header_pass_is_named(
+    uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
+) -> None:
+    import lungsight.io.dicom as dicom
+
+    written = dicom_copy(uncompressed_series, tmp_path / "series")
+    real_scan = dicom._scan
+
+    def scan_then_delete(*args, **kwargs):
+        found = real_scan(*args, **kwargs)
+        written[5].unlink()  # removed between the two passes
+        return found
+
+    monkeypatch.setattr(dicom, "_scan", scan_then_delete)
+    with pytest.raises(InputError, match=rf"{written[5].name}: unreadable DICOM file"):
+        load_study(tmp_path / "series")

@@ -186,17 +186,20 @@ def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
     if raw is None or header.samples != 1 or header.frames != 1:
         return False
     count = header.rows * header.cols
-    with open(header.path, "rb") as fp:
-        fp.seek(raw.offset)
-        element = fp.read(12 if raw.explicit_vr else 8)
-        if len(element) < (12 if raw.explicit_vr else 8) or element[:4] != _PIXEL_DATA_TAG:
-            return False
-        if raw.explicit_vr and (element[4:6] not in (b"OW", b"OB") or element[6:8] != b"\0\0"):
-            return False
-        (length,) = struct.unpack("<I", element[-4:])
-        if length == 0xFFFFFFFF or length < 2 * count:  # encapsulated, or short: pydicom says what is wrong
-            return False
-        values = np.fromfile(fp, dtype="<i2" if raw.signed else "<u2", count=count)
+    try:
+        with open(header.path, "rb") as fp:
+            fp.seek(raw.offset)
+            element = fp.read(12 if raw.explicit_vr else 8)
+            if len(element) < (12 if raw.explicit_vr else 8) or element[:4] != _PIXEL_DATA_TAG:
+                return False
+            if raw.explicit_vr and (element[4:6] not in (b"OW", b"OB") or element[6:8] != b"\0\0"):
+                return False
+            (length,) = struct.unpack("<I", element[-4:])
+            if length == 0xFFFFFFFF or length < 2 * count:  # encapsulated, or short: pydicom says what is wrong
+                return False
+            values = np.fromfile(fp, dtype="<i2" if raw.signed else "<u2", count=count)
+    except OSError:  # gone or unreadable since the header pass: pydicom's read names the problem
+        return False
     if values.size != count:
         return False
     if raw.bits_stored < 16:
