@@ -32,3 +32,42 @@ def test_paired_overhead_is_the_median_of_each_round_s_own_ratio() -> None:
     assert paired_overhead([1.2, 2.4, 1.1], [1.0, 2.0, 1.0]) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         paired_overhead([1.0], [1.0, 1.0])
+
+
+def test_bench_reads_an_uncompressed_dicom_series_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    f = run_bench(None, "ct-default", n_slices=12, repeats=1, threads=1, fmt="dicom")
+    assert f["format"] == "dicom" and f["slices"] == 12 and f["stages_s"]["read"] > 0
+    assert "as uncompressed DICOM" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown format"):
+        run_bench(None, "ct-default", fmt="png")
+
+
+def test_bench_format_follows_the_input_by_default(ct_dicom_dir) -> None:
+    from lungsight.bench import bench_format
+    from lungsight.examples import EXAMPLE_CT
+    from lungsight.io import load_study
+
+    assert bench_format(load_study(ct_dicom_dir)) == "dicom"
+    assert bench_format(load_study(EXAMPLE_CT)) == "nifti"
+    assert bench_format(load_study(ct_dicom_dir), "nifti") == "nifti"
+
+
+def test_written_dicom_series_reads_back_to_the_same_slices(tmp_path) -> None:
+    """Whole HU in, the same HU, order, spacing and orientation out; nothing identifying in the files."""
+    import numpy as np
+    import pydicom
+
+    from lungsight.examples import EXAMPLE_CT
+    from lungsight.io import load_study
+    from lungsight.io.deid import IDENTIFYING_TAGS
+    from lungsight.io.export import write_dicom_series
+
+    study = load_study(EXAMPLE_CT)
+    hu = np.round(study.pixels)
+    files = write_dicom_series(hu, study.spacing, tmp_path / "series")
+    back = load_study(tmp_path / "series")
+    np.testing.assert_array_equal(back.pixels, hu)
+    assert back.spacing == pytest.approx(study.spacing) and back.modality == "CT" and back.intensity == "hu"
+    ds = pydicom.dcmread(files[0])
+    present = {k for k in IDENTIFYING_TAGS if k in ds}
+    assert present <= {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"}

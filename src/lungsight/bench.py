@@ -1,7 +1,9 @@
 """``lungsight bench``: how fast the whole predict path is, measured against the bare model forward in one run.
 
-The study is resampled (nearest slice) to the requested number of slices and written as a NIfTI file, so the
-timed path starts from a file on disk like a real prediction: read -> slice selection -> windowing/resizing ->
+The study is resampled (nearest slice) to the requested number of slices and written in the input's own kind (an
+uncompressed DICOM series, one file a slice, for a DICOM input, as scanners and PACS usually send it; a
+``.nii.gz`` file otherwise; ``--format`` chooses), so the timed path starts from files on disk like a real
+prediction of that input: read -> slice selection -> windowing/resizing ->
 forward -> rules -> Grad-CAM on the top-k slices -> result.json, overlays, report.html. The bare forward runs the
 same model on the same (already preprocessed) slices that the pipeline classified, in the same process, right after.
 Ratios measured in one run are the honest figure on shared machines; absolute numbers move with the load. Each
@@ -18,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +29,40 @@ from lungsight.cores import usable_cores
 from lungsight.examples import EXAMPLE_CT
 from lungsight.inference.detector import Detector
 from lungsight.io import load_study
-from lungsight.io.export import write_nifti
+from lungsight.io.export import write_dicom_series, write_nifti
 from lungsight.preprocess.window import to_unit
+from lungsight.study import Study
+
+
+def _resampled(study: Study, n_slices: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The study's HU slices resampled to ``n_slices`` (nearest slice), and their spacing."""
+    idx = np.round(np.linspace(0, study.n_slices - 1, n_slices)).astype(int)
+    sp = study.spacing or (1.0, 1.0, 1.0)
+    return study.pixels[idx], (sp[0] * study.n_slices / n_slices, sp[1], sp[2])
 
 
 def resampled_nifti(study_path: Path, n_slices: int, out: Path) -> Path:
     """Write the study resampled to ``n_slices`` (nearest slice) as NIfTI in HU."""
-    study = load_study(study_path)
-    idx = np.round(np.linspace(0, study.n_slices - 1, n_slices)).astype(int)
-    sp = study.spacing or (1.0, 1.0, 1.0)
-    return write_nifti(study.pixels[idx], (sp[0] * study.n_slices / n_slices, sp[1], sp[2]), out)
+    return write_nifti(*_resampled(load_study(study_path), n_slices), out)
+
+
+def _write_dicom(pixels: np.ndarray, spacing: tuple[float, float, float], out: Path) -> Path:
+    write_dicom_series(pixels, spacing, out)
+    return out
+
+
+#: What ``lungsight bench --format`` writes the resampled series as, and the name it is written under:
+#: ``.nii.gz``, or an uncompressed CT DICOM series, one file a slice, as scanners and PACS usually send it.
+FORMATS = {"nifti": (write_nifti, "study.nii.gz"), "dicom": (_write_dicom, "series")}
+
+
+def bench_format(study: Study, fmt: str = "auto") -> str:
+    """``fmt``, or for ``"auto"`` the input's own kind: ``"dicom"`` for a DICOM series or file, else ``"nifti"``."""
+    if fmt == "auto":
+        return "dicom" if study.source_format.startswith("dicom") else "nifti"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    return fmt
 
 
 def _timed(fn, *args, **kwargs):
@@ -74,17 +101,29 @@ def paired_overhead(path_s: list[float], forward_s: list[float]) -> float:
 
 
 def run_bench(
-    study_path: Path | None, model: str, *, n_slices: int = 100, repeats: int = 3, threads: int | None = None
-) -> dict[str, float]:
-    """Time the predict paths and the bare forward; print and return the figures (medians over ``repeats``, and the
-    best round's)."""
+    study_path: Path | None,
+    model: str,
+    *,
+    n_slices: int = 100,
+    repeats: int = 3,
+    threads: int | None = None,
+    fmt: str = "auto",
+) -> dict[str, Any]:
+    """Time the predict paths and the bare forward; print and return the figures (medians over ``repeats``, the
+    best round's and the paired ones). ``fmt`` is what the resampled series is written as and read back from:
+    ``"nifti"`` (``.nii.gz``), ``"dicom"`` (an uncompressed series, one file a slice) or ``"auto"``, the input's
+    own kind (:func:`bench_format`)."""
+    source = load_study(Path(study_path or EXAMPLE_CT))
+    fmt = bench_format(source, fmt)
     torch.set_num_threads(threads or usable_cores())
     det = Detector.from_pretrained(model)
     window = tuple(det.config["window"])
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     with tempfile.TemporaryDirectory(prefix="lungsight-bench-") as tmp:
-        path = resampled_nifti(Path(study_path or EXAMPLE_CT), n_slices, Path(tmp) / "study.nii.gz")
+        write, name = FORMATS[fmt]
+        path = write(*_resampled(source, n_slices), Path(tmp) / name)
+        del source
         for r in range(repeats + 1):  # the first round warms up and is not counted
             study, t_read = _timed(load_study, path)
             pred, t_decision = _timed(det.predict, study, explain=False)
@@ -105,6 +144,7 @@ def run_bench(
     kept = len(sel)
     figures = {
         "slices": n_slices,
+        "format": fmt,
         "slices_classified": kept,
         "threads": torch.get_num_threads(),
         "decision_path_s": med["decision"],
@@ -125,7 +165,8 @@ def run_bench(
     }
     print(
         f"model {model} ({det.config['arch']}, {det.config['input_size']} px), {figures['threads']} threads, "
-        f"{n_slices}-slice series ({kept} kept by slice selection), median of {repeats}"
+        f"{n_slices}-slice series as {'.nii.gz' if fmt == 'nifti' else 'uncompressed DICOM'} ({kept} kept by slice "
+        f"selection), median of {repeats}"
     )
     print(f"  bare model forward, {kept} kept slices   : {med['forward']:.3f} s")
     print(f"  bare model forward, all {n_slices} slices : {med['forward_all']:.3f} s")

@@ -210,6 +210,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=100, help="series length to time (resampled from the input)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--format",
+        choices=("auto", "nifti", "dicom"),
+        default="auto",
+        help="write the resampled series as .nii.gz or as an uncompressed DICOM series and time reading it "
+        "(default auto: DICOM for a DICOM input, else .nii.gz)",
+    )
 
     p = sub.add_parser("speed", help="seconds per study against series length for several models (paper 002 Table 7)")
     p.add_argument("input", type=Path, nargs="?", help="CT study to resample (default: the bundled example)")
@@ -554,7 +561,7 @@ def _models(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lungsight.bench import run_bench
 
-    run_bench(args.input, args.model, n_slices=args.slices, repeats=args.repeats, threads=args.threads)
+    run_bench(args.input, args.model, n_slices=args.slices, repeats=args.repeats, threads=args.threads, fmt=args.format)
     return 0
 
 

@@ -66,6 +66,47 @@ def write_nifti(pixels: np.ndarray, spacing: tuple[float, float, float] | None, 
     return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
+def write_dicom_series(pixels: np.ndarray, spacing: tuple[float, float, float] | None, folder: Path) -> list[Path]:
+    """Write HU slices as an uncompressed CT DICOM series (one file a slice, ``slice_0001.dcm`` ...) that
+    :func:`lungsight.load_study` reads back to the same slices, for ``lungsight bench --format dicom``.
+
+    The files hold only what a CT image needs to be read: fresh UIDs, geometry (axial, slices along +z at the
+    ``(slice, row, column)`` spacing in mm, 1 mm where unknown), 16-bit signed pixels with the usual rescale
+    (intercept -1024), and no patient, study, institution or date attribute. Values are rounded to whole HU and
+    clipped to what 16 bits hold.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    sp = spacing or (1.0, 1.0, 1.0)
+    ensure_dir(folder)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    stored = np.clip(np.round(pixels + 1024.0), -32768, 32767).astype("<i2")
+    written = []
+    for k, plane in enumerate(stored):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.Modality = CTImageStorage, "CT"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]  # rows run to the patient's left, columns posterior
+        ds.ImagePositionPatient = [0.0, 0.0, round(k * float(sp[0]), 4)]
+        ds.PixelSpacing = [float(sp[1]), float(sp[2])]
+        ds.SliceThickness = float(sp[0])
+        ds.Rows, ds.Columns = plane.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = plane.tobytes()
+        path = folder / f"slice_{k + 1:04d}.dcm"
+        atomic_write(path, lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+        written.append(path)
+    return written
+
+
 def _write_png(plane: np.ndarray, bits: int, path: Path) -> Path:
     top = 255 if bits == 8 else 65535
     grey = np.clip(np.round(plane), 0, top).astype(np.uint8 if bits == 8 else np.uint16)
