@@ -156,23 +156,35 @@ def _raw_pixels(ds: Dataset, offset: int, transfer_syntax: UID | None) -> _RawPi
     """Where to read ``ds``'s pixels without pydicom, for the usual CT slice only: uncompressed little-endian,
     16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept."""
     explicit = _RAW_SYNTAXES.get(transfer_syntax) if transfer_syntax is not None else None
-    if explicit is None or "ModalityLUTSequence" in ds:
+    intercept = _plain_intercept(ds)
+    if explicit is None or intercept is None:
         return None
     stored, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
-    representation, intercept = _number(ds, "PixelRepresentation"), _number(ds, "RescaleIntercept")
+    representation = _number(ds, "PixelRepresentation")
     if (
         _number(ds, "BitsAllocated") != 16
         or stored is None
         or not 1 <= stored <= 16
         or high != stored - 1
         or representation not in (0, 1)
-        or _number(ds, "RescaleSlope") != 1.0
+    ):
+        return None
+    return _RawPixels(offset, explicit, int(stored), representation == 1, intercept)
+
+
+def _plain_intercept(ds: Dataset) -> float | None:
+    """The intercept of the usual CT rescale (no modality LUT, slope 1, a whole intercept under 2**16 in size),
+    which turns 16-bit stored values into HU with one exact float32 addition; ``None`` for any other rescale."""
+    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
+    if (
+        ds.get("ModalityLUTSequence")  # empty: ignored, as pydicom's apply_modality_lut ignores it
+        or slope != 1.0
         or intercept is None
         or not float(intercept).is_integer()
         or abs(intercept) >= 2**16
     ):
         return None
-    return _RawPixels(offset, explicit, int(stored), representation == 1, float(intercept))
+    return float(intercept)
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
@@ -457,17 +469,8 @@ def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> None:
     The usual CT rescale (slope 1, a whole-number intercept, integers of at most 16 bits) is one float32 addition,
     exact for these values; anything else goes through pydicom's :func:`apply_modality_lut` (float64).
     """
-    slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
-    simple = (
-        not ds.get("ModalityLUTSequence")
-        and slope == 1.0
-        and intercept is not None
-        and float(intercept).is_integer()
-        and abs(intercept) < 2**16
-        and arr.dtype.kind in "iu"
-        and arr.dtype.itemsize <= 2
-    )
-    if simple:
+    intercept = _plain_intercept(ds)
+    if intercept is not None and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
         np.add(arr, np.float32(intercept), out=out, dtype=np.float32)
     else:
         out[...] = apply_modality_lut(arr, ds)
