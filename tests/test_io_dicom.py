@@ -504,3 +504,70 @@ def test_a_slice_that_vanishes_after_the_header_pass_is_named(
     monkeypatch.setattr(dicom, "_scan", scan_then_delete)
     with pytest.raises(InputError, match=rf"{written[5].name}: unreadable DICOM file"):
         load_study(tmp_path / "series")
+
+
+_HEADER_KEYWORDS = (
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "InstanceNumber",
+    "SeriesInstanceUID",
+    "Modality",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "GantryDetectorTilt",
+    "SliceThickness",
+    "ViewPosition",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ModalityLUTSequence",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "BitsAllocated",
+    "WindowCenter",
+)
+
+
+@pytest.mark.parametrize("syntax", ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "ExplicitVRBigEndian"])
+def test_fast_header_values_equal_pydicoms(uncompressed_series: Path, tmp_path: Path, dicom_read, syntax: str) -> None:
+    """The header pass's values (``_get``) are what ``ds.get`` gives, in every byte order and VR encoding, for
+    present, absent and empty elements, multi-valued ones, an element stored as UN and a sequence."""
+    import pydicom.uid
+    from pydicom import dcmread, dcmwrite
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from lungsight.io.dicom import _get
+
+    ds = dicom_read(sorted(uncompressed_series.glob("*.dcm"))[0])
+    ds.file_meta.TransferSyntaxUID = getattr(pydicom.uid, syntax)
+    ds.SliceThickness = ""  # present, empty
+    ds.WindowCenter = [40, 400]  # multi-valued DS
+    ds.GantryDetectorTilt = "0.0"
+    ds.add(DataElement(0x00185100, "UN", b"HFS "))  # PatientPosition stored as UN
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 16]
+    ds.ModalityLUTSequence = Sequence([lut])
+    little = syntax != "ExplicitVRBigEndian"
+    if not little:
+        ds.PixelData = np.frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
+    path = tmp_path / "slice.dcm"
+    dcmwrite(
+        path,
+        ds,
+        implicit_vr=syntax.startswith("Implicit"),
+        little_endian=little,
+        force_encoding=True,
+    )
+    for keyword in (*_HEADER_KEYWORDS, "PatientPosition", "AcquisitionNumber"):
+        fast = _get(dcmread(path, stop_before_pixels=True), keyword, "absent")
+        assert fast == dcmread(path, stop_before_pixels=True).get(keyword, "absent"), keyword
+        assert type(fast) is type(dcmread(path, stop_before_pixels=True).get(keyword, "absent")), keyword
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    assert _get(meta, "TransferSyntaxUID") == getattr(pydicom.uid, syntax)
+    assert _get(meta, "TransferSyntaxUID").is_little_endian == little

@@ -19,15 +19,19 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.values import convert_value
 
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
@@ -95,8 +99,41 @@ def _quiet() -> Iterator[None]:
         pydicom_config.settings.reading_validation_mode = mode
 
 
+#: VRs whose raw values :func:`_get` converts with pydicom's value converters directly: numbers, and strings whose
+#: character repertoire is fixed (no SpecificCharacterSet applies to them).
+_PLAIN_VRS = frozenset({"CS", "DS", "FD", "FL", "IS", "SL", "SS", "UI", "UL", "US"})
+
+
+@lru_cache(maxsize=128)
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"unknown DICOM keyword {keyword!r}")
+    return tag, dictionary_VR(tag)
+
+
+def _get(ds: Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword, default)``, with the same value, about five times faster for the plain numbers and codes
+    read from every file of a series: an element still raw from the file, of its dictionary VR (or of none, in
+    implicit VR) and a plain VR, goes through pydicom's value converter alone, without the dataset's element
+    machinery; anything else (a sequence, a VR that differs from the dictionary's, UN, a value already read)
+    through ``ds.get``."""
+    tag, vr = _tag_and_vr(keyword)
+    element = ds.get_item(tag, keep_deferred=True)
+    if element is None:
+        return default
+    if (
+        isinstance(element, RawDataElement)
+        and element.value is not None
+        and element.VR in (None, vr)
+        and vr in _PLAIN_VRS
+    ):
+        return convert_value(vr, element)
+    return ds.get(keyword, default)
+
+
 def _floats(ds: Dataset, keyword: str, count: int) -> np.ndarray | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64) if value is not None else None
     except (TypeError, ValueError):
@@ -106,7 +143,7 @@ def _floats(ds: Dataset, keyword: str, count: int) -> np.ndarray | None:
 
 def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | None:
     try:
-        value = ds.get(keyword)
+        value = _get(ds, keyword)
         return default if value is None or value == "" else float(value)
     except (TypeError, ValueError):
         return default
@@ -122,21 +159,22 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except Exception as exc:
         raise InputError(f"{name(path)}: unreadable DICOM header ({type(exc).__name__})") from None
-    if ds.get("Rows") is None or ds.get("Columns") is None:
+    rows, cols = _number(ds, "Rows"), _number(ds, "Columns")
+    if rows is None or cols is None:
         return None
     spacing = _floats(ds, "PixelSpacing", 2)
     file_meta = getattr(ds, "file_meta", None)
     instance = _number(ds, "InstanceNumber")
-    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    transfer_syntax = _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
     return _Header(
         path=path,
-        uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        modality=str(ds.get("Modality", "") or "").strip().upper()[:16],
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        uid=str(_get(ds, "SeriesInstanceUID", "") or ""),
+        modality=str(_get(ds, "Modality", "") or "").strip().upper()[:16],
+        rows=int(rows),
+        cols=int(cols),
         frames=int(_number(ds, "NumberOfFrames", 1) or 1),
         samples=int(_number(ds, "SamplesPerPixel", 1) or 1),
-        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()[:16],
+        photometric=str(_get(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()[:16],
         iop=_floats(ds, "ImageOrientationPatient", 6),
         ipp=_floats(ds, "ImagePositionPatient", 3),
         instance=None if instance is None else int(instance),
@@ -144,7 +182,7 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
-        view=" ".join(str(ds.get("ViewPosition", "") or "").upper().split())[:16],
+        view=" ".join(str(_get(ds, "ViewPosition", "") or "").upper().split())[:16],
         raw=_raw_pixels(ds, pixel_offset, transfer_syntax),
     )
 
