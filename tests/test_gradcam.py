@@ -201,6 +201,27 @@ def test_overlay_colours_only_where_the_map_is_hot() -> None:
     assert hot[0] > hot[2] and not (hot == 128).all()  # jet red blended in
 
 
+def test_overlay_pixels_match_the_blend_computed_by_hand() -> None:
+    """Every grey level against map values across the colour floor: each pixel is round(0.6 grey + 0.4 jet), jet
+    taken at the map's 8-bit level, and a map at or below 0.05 leaves the grey untouched. The built-in jet table is
+    matplotlib's to within one level (the two round some exact halves differently)."""
+    import matplotlib
+
+    from lungsight.explain.overlay import _colour_table
+
+    table = _colour_table("jet").astype(np.float64)
+    reference = np.round(matplotlib.colormaps["jet"](np.arange(256) / 255.0)[:, :3] * 255)
+    assert np.abs(table - reference).max() <= 1
+    grey = np.repeat(np.arange(256, dtype=np.float32)[:, None] / 255.0, 9, axis=1)
+    cam = np.tile(np.array([0.0, 0.03, 0.05, 0.0501, 0.2, 0.5, 0.77, 0.999, 1.0], np.float32), (256, 1))
+    out = overlay_image(grey, cam, alpha=0.4)
+    g = np.floor(grey.astype(np.float64) * 255 + 0.5)
+    level = np.floor(cam.astype(np.float64) * 255 + 0.5)
+    jet = table[level.astype(int)]
+    expected = np.where((cam > 0.05)[..., None], np.floor(g[..., None] * 0.6 + jet * 0.4 + 0.5), g[..., None])
+    np.testing.assert_array_equal(out, expected.astype(np.uint8))
+
+
 def test_overlay_mask_outline_is_a_thin_contour() -> None:
     mask = np.zeros((16, 16), dtype=bool)
     mask[4:12, 4:12] = True

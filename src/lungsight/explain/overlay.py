@@ -93,7 +93,7 @@ def overlay_image(
     ``mask_outline``, a boolean mask (e.g. the lungs), is drawn as a thin magenta contour.
     """
     grey = _grey01(slice01)
-    grey_idx = (grey * 255.0 + 0.5).astype(np.intp)
+    grey_idx = (grey * 255.0 + 0.5).astype(np.uint16)  # 0-255; narrow integers convert several times faster
     if cam is None:
         out = np.repeat(grey_idx.astype(np.uint8)[..., None], 3, axis=2)
     else:
@@ -101,8 +101,10 @@ def overlay_image(
         if c.ndim != 2:
             raise ValueError(f"expected a 2-D map, got shape {c.shape}")
         c = np.clip(np.nan_to_num(_resize(c, grey.shape, "bilinear"), nan=0.0), 0.0, 1.0)
-        cam_idx = np.where(c > CAM_FLOOR, (c * 255.0 + 0.5).astype(np.intp), 0)
-        out = np.take(_blend_table(cmap, float(alpha)), grey_idx * 256 + cam_idx, axis=0)
+        cam_idx = (c * 255.0 + 0.5).astype(np.uint16)
+        cam_idx[c <= CAM_FLOOR] = 0
+        rows = (grey_idx.astype(np.intp) << 8) | cam_idx  # grey * 256 + cam: the blend table's row
+        out = np.take(_blend_table(cmap, float(alpha)), rows, axis=0)
     if mask_outline is not None:
         out[_outline(mask_outline, grey.shape)] = OUTLINE_RGB
     return out
