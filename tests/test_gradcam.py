@@ -222,6 +222,12 @@ def test_overlay_pixels_match_the_blend_computed_by_hand() -> None:
     np.testing.assert_array_equal(out, expected.astype(np.uint8))
 
 
+def test_overlay_reads_nan_as_zero_and_clips_out_of_range_values() -> None:
+    dirty = np.array([[np.nan, np.inf, -np.inf, 2.0, -1.0, 0.5]], np.float32)
+    clean = np.array([[0.0, 1.0, 0.0, 1.0, 0.0, 0.5]], np.float32)
+    np.testing.assert_array_equal(overlay_image(dirty, dirty[:, ::-1]), overlay_image(clean, clean[:, ::-1]))
+
+
 def test_overlay_mask_outline_is_a_thin_contour() -> None:
     mask = np.zeros((16, 16), dtype=bool)
     mask[4:12, 4:12] = True

@@ -60,11 +60,16 @@ def _resize(a: np.ndarray, shape: tuple[int, int], mode: str) -> np.ndarray:
     return F.interpolate(t, size=shape, mode=mode, **kwargs)[0, 0].numpy()
 
 
+def _unit(a: np.ndarray) -> np.ndarray:
+    """``a`` clipped to [0, 1], NaN as 0 (what ``np.clip(np.nan_to_num(a), 0, 1)`` gives, in two passes)."""
+    return np.minimum(np.fmax(a, 0.0), 1.0)
+
+
 def _grey01(slice01: np.ndarray) -> np.ndarray:
     s = np.asarray(slice01, dtype=np.float32)
     if s.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {s.shape}")
-    return np.clip(np.nan_to_num(s, nan=0.0), 0.0, 1.0)
+    return _unit(s)
 
 
 def _outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -92,7 +97,13 @@ def overlay_image(
     slice.
     ``mask_outline``, a boolean mask (e.g. the lungs), is drawn as a thin magenta contour.
     """
-    grey = _grey01(slice01)
+    return _overlay_rgb(_grey01(slice01), cam, alpha, cmap, mask_outline)
+
+
+def _overlay_rgb(
+    grey: np.ndarray, cam: np.ndarray | None, alpha: float, cmap: str, mask_outline: np.ndarray | None
+) -> np.ndarray:
+    """:func:`overlay_image` of a slice already through :func:`_grey01`."""
     grey_idx = (grey * 255.0 + 0.5).astype(np.uint16)  # 0-255; narrow integers convert several times faster
     if cam is None:
         out = np.repeat(grey_idx.astype(np.uint8)[..., None], 3, axis=2)
@@ -100,7 +111,7 @@ def overlay_image(
         c = np.asarray(cam, dtype=np.float32)
         if c.ndim != 2:
             raise ValueError(f"expected a 2-D map, got shape {c.shape}")
-        c = np.clip(np.nan_to_num(_resize(c, grey.shape, "bilinear"), nan=0.0), 0.0, 1.0)
+        c = _unit(_resize(c, grey.shape, "bilinear"))
         cam_idx = (c * 255.0 + 0.5).astype(np.uint16)
         cam_idx[c <= CAM_FLOOR] = 0
         rows = (grey_idx.astype(np.intp) << 8) | cam_idx  # grey * 256 + cam: the blend table's row
@@ -139,8 +150,9 @@ def save_overlay(
     The image keeps the slice's resolution (no upscaling). Parent folders are created and the write is atomic.
     """
     path = Path(path)
-    grey = (_grey01(slice01) * 255.0 + 0.5).astype(np.uint8)
-    over = overlay_image(slice01, cam, alpha=alpha, cmap=cmap, mask_outline=mask_outline)
+    grey01 = _grey01(slice01)
+    grey = (grey01 * 255.0 + 0.5).astype(np.uint8)
+    over = _overlay_rgb(grey01, cam, alpha, cmap, mask_outline)
     h, w = grey.shape
     width = 2 * w + PANEL_GAP
     strip = _caption_strip(caption, width, size=min(22, max(11, round(h / 28)))) if caption else None
