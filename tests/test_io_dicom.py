@@ -571,3 +571,21 @@ def test_fast_header_values_equal_pydicoms(uncompressed_series: Path, tmp_path: 
     meta = dcmread(path, stop_before_pixels=True).file_meta
     assert _get(meta, "TransferSyntaxUID") == getattr(pydicom.uid, syntax)
     assert _get(meta, "TransferSyntaxUID").is_little_endian == little
+
+
+def test_jpeg2000_slices_decode_on_every_core_to_the_same_values(
+    ct_dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real series is JPEG 2000: OpenJPEG is told to use every usable core unless the user said otherwise,
+    and its threads decode the same values as one thread."""
+    import os
+
+    from lungsight.cores import usable_cores
+
+    monkeypatch.setenv("OPJ_NUM_THREADS", "1")
+    one = load_study(ct_dicom_dir).pixels
+    assert os.environ["OPJ_NUM_THREADS"] == "1"  # the user's value is kept
+    monkeypatch.delenv("OPJ_NUM_THREADS")
+    every = load_study(ct_dicom_dir).pixels
+    assert os.environ["OPJ_NUM_THREADS"] == str(usable_cores())
+    np.testing.assert_array_equal(every, one)
