@@ -589,3 +589,24 @@ def test_jpeg2000_slices_decode_on_every_core_to_the_same_values(
     every = load_study(ct_dicom_dir).pixels
     assert os.environ["OPJ_NUM_THREADS"] == str(usable_cores())
     np.testing.assert_array_equal(every, one)
+
+
+def test_invalid_header_values_are_read_without_pydicoms_warnings(
+    ct_dicom_dir: Path, tmp_path: Path, dicom_copy
+) -> None:
+    """pydicom validates values as it converts them and its warnings quote them: the header pass keeps them quiet
+    (an unreadable InstanceNumber orders nothing here, the positions do)."""
+    import warnings
+
+    from pydicom import dcmread
+
+    target = dicom_copy(ct_dicom_dir, tmp_path)[3]
+    element = dcmread(target, stop_before_pixels=True).get_item("InstanceNumber")
+    data = bytearray(target.read_bytes())  # pydicom refuses to write such a value: patch the file's bytes
+    data[element.value_tell : element.value_tell + element.length] = (b"x?" * element.length)[: element.length]
+    target.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = load_study(tmp_path)
+    assert study.n_slices == 20
+    assert not [w for w in caught if "x?" in str(w.message)], [str(w.message) for w in caught]

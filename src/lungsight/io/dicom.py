@@ -152,9 +152,15 @@ def _number(ds: Dataset, keyword: str, default: float | None = None) -> float | 
 
 
 def _read_header(path: Path, name: NameFn) -> _Header | None:
-    """The header of ``path``; ``None`` for a DICOM object without an image (DICOMDIR, report, RTSTRUCT)."""
+    """The header of ``path``; ``None`` for a DICOM object without an image (DICOMDIR, report, RTSTRUCT). Its
+    values are read quietly too: pydicom validates them as it converts them, and its warnings quote them."""
+    with _quiet():
+        return _header(path, name)
+
+
+def _header(path: Path, name: NameFn) -> _Header | None:
     try:
-        with _quiet(), open(path, "rb") as fp:
+        with open(path, "rb") as fp:
             ds = dcmread(fp, force=False, stop_before_pixels=True)
             pixel_offset = fp.tell()  # pydicom stops at the PixelData element's tag
     except InvalidDicomError:
