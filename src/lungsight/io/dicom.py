@@ -115,11 +115,11 @@ def _tag_and_vr(keyword: str) -> tuple[int, str]:
 
 
 def _get(ds: Dataset, keyword: str, default: object = None) -> object:
-    """``ds.get(keyword, default)``, with the same value, about five times faster for the plain numbers and codes
-    read from every file of a series: an element still raw from the file, of its dictionary VR (or of none, in
-    implicit VR) and a plain VR, goes through pydicom's value converter alone, without the dataset's element
-    machinery; anything else (a sequence, a VR that differs from the dictionary's, UN, a value already read)
-    through ``ds.get``."""
+    """``ds.get(keyword, default)``, with the same value, about four times faster for the plain numbers and codes
+    read from every file of a series (their conversion took 23-28 ms per 100 files, now 5-8 ms): an element still
+    raw from the file, of its dictionary VR (or of none, in implicit VR) and a plain VR, goes through pydicom's
+    value converter alone, without the dataset's element machinery; anything else (a sequence, a VR that differs
+    from the dictionary's, UN, a value already read) through ``ds.get``."""
     tag, vr = _tag_and_vr(keyword)
     element = ds.get_item(tag, keep_deferred=True)
     if element is None:
