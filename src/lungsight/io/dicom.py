@@ -584,6 +584,8 @@ def read_dicom(
     pixels = np.empty((len(geometry.order), first.rows, first.cols), dtype=np.float32)
     voi_applied = inverted = False
     span = 0.0
+    if any(h.transfer_syntax is not None and h.transfer_syntax.is_compressed for h in geometry.order):
+        _decoder_threads()
     for k, header in enumerate(geometry.order):
         target = pixels[k, :: -1 if geometry.flip_rows else 1, :: -1 if geometry.flip_cols else 1]
         if kind == "CT" and _read_raw_ct(header, target):
@@ -595,8 +597,6 @@ def read_dicom(
                 raise InputError(f"{name(header.path)}: unreadable DICOM file ({type(exc).__name__})") from None
             if "PixelData" not in ds:
                 raise InputError(f"{name(header.path)}: no pixel data (truncated or damaged file)")
-            if header.transfer_syntax is not None and header.transfer_syntax.is_compressed:
-                _decoder_threads()
             try:
                 arr = ds.pixel_array
             except Exception as exc:
