@@ -192,6 +192,17 @@ def test_folder_without_images(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -
     assert str(tmp_path / "noimage") in str(info.value)
 
 
+def test_file_cut_short_inside_its_header(ct_dicom_dir: Path, tmp_path: Path) -> None:
+    """pydicom reads a header cut off in the middle as a shorter dataset without an image; the error says that
+    such a file may be cut short, names it, and counts it in the singular."""
+    first = sorted(ct_dicom_dir.iterdir())[0]
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(first.read_bytes()[:2000])
+    with pytest.raises(InputError, match=r"1 DICOM file without an image: .* cut short inside its header") as info:
+        load_study(cut)
+    assert "cut.dcm" in str(info.value)
+
+
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder"):
         load_study(tmp_path / "missing")

@@ -329,7 +329,13 @@ def _scan(files: Sequence[Path], name: NameFn, folder: str) -> tuple[dict[str, l
             continue
         groups.setdefault(header.uid, []).append(header)
     if not groups:
-        detail = f" ({len(skipped)} DICOM files without pixel data)" if skipped else ""
+        n = len(skipped)
+        detail = (
+            f" ({n} DICOM file{'' if n == 1 else 's'} without an image: a report, DICOMDIR or structure set, or a "
+            "file cut short inside its header)"
+            if n
+            else ""
+        )
         raise InputError(f"{folder}: no DICOM image found{detail}")
     logger.debug("%d DICOM images in %d series, %d without image", len(files) - len(skipped), len(groups), len(skipped))
     return groups, skipped
