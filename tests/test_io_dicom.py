@@ -499,6 +499,50 @@ def test_slices_the_raw_reader_does_not_take_go_through_pydicom(
         load_study(folder)
 
 
+def test_the_header_pass_reads_no_further_than_group_0028(
+    uncompressed_series: Path, monkeypatch: pytest.MonkeyPatch, dicom_read
+) -> None:
+    """A scanner's header goes on after the image attributes (the real series: Siemens' private CSA group 0029,
+    request sequences in 0032/0040); the header pass leaves all that unparsed, and the raw reader still finds the
+    pixel data, as the file's last element."""
+    import lungsight.io.dicom as dicom
+
+    path = sorted(uncompressed_series.glob("*.dcm"))[0]
+    assert max(el.tag.group for el in dicom_read(path, pixels=False)) > 0x0028  # there is more to skip
+    parsed = []
+    real = dicom.read_partial
+
+    def recording(*args, **kwargs):
+        parsed.append(real(*args, **kwargs))
+        return parsed[-1]
+
+    monkeypatch.setattr(dicom, "read_partial", recording)
+    seen = _raw_reads(monkeypatch)
+    load_study(uncompressed_series)
+    assert len(parsed) == 20 and all(max(el.tag.group for el in ds) == 0x0028 for ds in parsed)
+    assert seen == [True] * 20
+
+
+def test_pixel_data_that_is_not_the_last_element_goes_through_pydicom(
+    uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
+) -> None:
+    """Data Set Trailing Padding after the pixels: the raw reader does not find the pixel data where a scanner
+    puts it, so pydicom reads those slices, to the same values."""
+    from pydicom.dataelem import DataElement
+
+    reference = load_study(uncompressed_series).pixels
+
+    def padded(ds, index):
+        if index % 2:
+            ds[0xFFFCFFFC] = DataElement(0xFFFCFFFC, "OB", b"\0" * 64)
+
+    dicom_copy(uncompressed_series, tmp_path / "padded", edit=padded)
+    seen = _raw_reads(monkeypatch)
+    study = load_study(tmp_path / "padded")
+    assert sorted(seen) == [False] * 10 + [True] * 10  # the padded half through pydicom
+    np.testing.assert_array_equal(study.pixels, reference)
+
+
 def test_a_slice_that_vanishes_after_the_header_pass_is_named(
     uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
 ) -> None:

@@ -1,10 +1,11 @@
 """DICOM series folders and single DICOM files.
 
-Two passes keep memory flat: the first reads headers only (``stop_before_pixels=True``) to group files by
-SeriesInstanceUID, pick a series, check its geometry and sort it; the second decodes one file at a time into a
-preallocated float32 array. The usual CT slice (uncompressed little-endian 16-bit pixels, the plain rescale) is
-read in the second pass straight from where the first pass found its pixel data, without parsing the header
-again (:func:`_read_raw_ct`); anything else, or anything unexpected there, goes through pydicom. No pydicom
+Two passes keep memory flat: the first reads headers only, and of each header only groups 0002-0028, where every
+value it needs lies (:func:`_past_header_groups`), to group files by SeriesInstanceUID, pick a series, check its
+geometry and sort it; the second decodes one file at a time into a preallocated float32 array. The usual CT slice
+(uncompressed little-endian 16-bit pixels, the plain rescale) is read in the second pass straight from its pixel
+data element, located by the first pass, without parsing the header again (:func:`_read_raw_ct`); anything else,
+or anything unexpected there, goes through pydicom. No pydicom
 dataset outlives the function that read it, and only whitelisted tags (:mod:`lungsight.io.deid`) reach the
 returned :class:`~lungsight.study.Study`.
 """
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom import config as pydicom_config
@@ -30,6 +32,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.values import convert_value
@@ -81,7 +84,7 @@ class _Header:
 class _RawPixels:
     """Where an uncompressed 16-bit CT slice's pixel data lies and how to turn it into HU without pydicom."""
 
-    offset: int  # of the PixelData element's tag in the file
+    offset: int  # where the PixelData element's tag is expected in the file (checked before reading)
     explicit_vr: bool
     bits_stored: int
     signed: bool
@@ -158,11 +161,24 @@ def _read_header(path: Path, name: NameFn) -> _Header | None:
         return _header(path, name)
 
 
+#: The last group the header pass reads: every value it needs is in groups 0002-0028.
+_LAST_HEADER_GROUP = 0x0028
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def _past_header_groups(tag: int, vr: str | None, length: int) -> bool:
+    """pydicom's ``stop_when``: stop at the first top-level element after group 0028. What follows in a scanner's
+    file (private groups such as Siemens' CSA headers, request and procedure sequences, the pixel data) is never
+    read by the header pass, and parsing it took about as long as the rest (see ``docs/speed.md``). Sequence items
+    are read whole: pydicom asks this only of top-level elements."""
+    return tag >> 16 > _LAST_HEADER_GROUP  # int's shift: pydicom's BaseTag compares in Python, slowly
+
+
 def _header(path: Path, name: NameFn) -> _Header | None:
     try:
         with open(path, "rb") as fp:
-            ds = dcmread(fp, force=False, stop_before_pixels=True)
-            pixel_offset = fp.tell()  # pydicom stops at the PixelData element's tag
+            ds = read_partial(fp, stop_when=_past_header_groups, force=False)
+            raw = _raw_pixels(ds, fp)
     except InvalidDicomError:
         raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except Exception as exc:
@@ -171,9 +187,7 @@ def _header(path: Path, name: NameFn) -> _Header | None:
     if rows is None or cols is None:
         return None
     spacing = _floats(ds, "PixelSpacing", 2)
-    file_meta = getattr(ds, "file_meta", None)
     instance = _number(ds, "InstanceNumber")
-    transfer_syntax = _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
     return _Header(
         path=path,
         uid=str(_get(ds, "SeriesInstanceUID", "") or ""),
@@ -186,36 +200,58 @@ def _header(path: Path, name: NameFn) -> _Header | None:
         iop=_floats(ds, "ImageOrientationPatient", 6),
         ipp=_floats(ds, "ImagePositionPatient", 3),
         instance=None if instance is None else int(instance),
-        transfer_syntax=transfer_syntax,
+        transfer_syntax=_transfer_syntax(ds),
         gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
         view=" ".join(str(_get(ds, "ViewPosition", "") or "").upper().split())[:16],
-        raw=_raw_pixels(ds, pixel_offset, transfer_syntax),
+        raw=raw,
     )
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    file_meta = getattr(ds, "file_meta", None)
+    return _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None  # type: ignore[return-value]
 
 
 _RAW_SYNTAXES = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # -> explicit VR
 
 
-def _raw_pixels(ds: Dataset, offset: int, transfer_syntax: UID | None) -> _RawPixels | None:
-    """Where to read ``ds``'s pixels without pydicom, for the usual CT slice only: uncompressed little-endian,
-    16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept."""
-    explicit = _RAW_SYNTAXES.get(transfer_syntax) if transfer_syntax is not None else None
+def _raw_pixels(ds: Dataset, fp: BinaryIO) -> _RawPixels | None:
+    """How to read ``ds``'s pixels without pydicom, for the usual CT slice only: uncompressed little-endian,
+    16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept. ``fp`` is the
+    file, where the header pass stopped (pydicom rewinds to the start of the element it stopped at)."""
+    syntax = _transfer_syntax(ds)
+    explicit = _RAW_SYNTAXES.get(syntax) if syntax is not None else None
     intercept = _plain_intercept(ds)
     if explicit is None or intercept is None:
         return None
+    rows, cols = _number(ds, "Rows"), _number(ds, "Columns")
     stored, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
     representation = _number(ds, "PixelRepresentation")
     if (
-        _number(ds, "BitsAllocated") != 16
+        rows is None
+        or cols is None
+        or _number(ds, "BitsAllocated") != 16
         or stored is None
         or not 1 <= stored <= 16
         or high != stored - 1
         or representation not in (0, 1)
     ):
         return None
+    offset = _pixel_offset(fp, 12 if explicit else 8, 2 * int(rows) * int(cols))
     return _RawPixels(offset, explicit, int(stored), representation == 1, intercept)
+
+
+def _pixel_offset(fp: BinaryIO, element_header: int, value_bytes: int) -> int:
+    """Where a single-frame slice's PixelData element should start: where the header pass stopped if it is there
+    (nothing between the image attributes and the pixels), else as the file's last element, where scanners put
+    it. :func:`_read_raw_ct` checks the element's tag, VR and length before reading and leaves the file to pydicom
+    if they are not as expected (pixel data followed by padding, for one)."""
+    stop = fp.tell()
+    if fp.read(4) == _PIXEL_DATA_TAG:
+        return stop
+    return max(stop, os.fstat(fp.fileno()).st_size - element_header - value_bytes)  # a short file: pydicom says why
 
 
 def _plain_intercept(ds: Dataset) -> float | None:
@@ -231,9 +267,6 @@ def _plain_intercept(ds: Dataset) -> float | None:
     ):
         return None
     return float(intercept)
-
-
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
