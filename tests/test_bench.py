@@ -42,6 +42,13 @@ def test_bench_reads_an_uncompressed_dicom_series_when_asked(capsys: pytest.Capt
         run_bench(None, "ct-default", fmt="png")
 
 
+def test_bench_can_time_the_input_as_it_is_stored(ct_dicom_dir, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real series itself: its 20 JPEG 2000 slices and scanner headers, not a resampled rewrite."""
+    f = run_bench(ct_dicom_dir, "ct-default", n_slices=100, repeats=1, threads=1, fmt="stored")
+    assert f["format"] == "stored" and f["slices"] == 20 and f["stages_s"]["read"] > 0
+    assert "20-slice series as stored (dicom" in capsys.readouterr().out
+
+
 def test_bench_format_follows_the_input_by_default(ct_dicom_dir) -> None:
     from lungsight.bench import bench_format
     from lungsight.examples import EXAMPLE_CT

@@ -2,8 +2,9 @@
 
 The study is resampled (nearest slice) to the requested number of slices and written in the input's own kind (an
 uncompressed DICOM series, one file a slice, for a DICOM input, as scanners and PACS usually send it; a
-``.nii.gz`` file otherwise; ``--format`` chooses), so the timed path starts from files on disk like a real
-prediction of that input: read -> slice selection -> windowing/resizing ->
+``.nii.gz`` file otherwise; ``--format`` chooses; ``--format stored`` times the input itself, as it is stored: its
+own slices, compression and headers), so the timed path starts from files on disk like a real prediction of that
+input: read -> slice selection -> windowing/resizing ->
 forward -> rules -> Grad-CAM on the top-k slices -> result.json, overlays, report.html. The bare forward runs the
 same model on the same (already preprocessed) slices that the pipeline classified, in the same process, right after.
 Ratios measured in one run are the honest figure on shared machines; absolute numbers move with the load. Each
@@ -54,14 +55,16 @@ def _write_dicom(pixels: np.ndarray, spacing: tuple[float, float, float], out: P
 #: What ``lungsight bench --format`` writes the resampled series as, and the name it is written under:
 #: ``.nii.gz``, or an uncompressed CT DICOM series, one file a slice, as scanners and PACS usually send it.
 FORMATS = {"nifti": (write_nifti, "study.nii.gz"), "dicom": (_write_dicom, "series")}
+#: ``lungsight bench --format stored``: the input itself, not resampled or rewritten.
+STORED = "stored"
 
 
 def bench_format(study: Study, fmt: str = "auto") -> str:
     """``fmt``, or for ``"auto"`` the input's own kind: ``"dicom"`` for a DICOM series or file, else ``"nifti"``."""
     if fmt == "auto":
         return "dicom" if study.source_format.startswith("dicom") else "nifti"
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    if fmt != STORED and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose auto, {STORED} or one of {', '.join(FORMATS)}")
     return fmt
 
 
@@ -112,17 +115,26 @@ def run_bench(
     """Time the predict paths and the bare forward; print and return the figures (medians over ``repeats``, the
     best round's and the paired ones). ``fmt`` is what the resampled series is written as and read back from:
     ``"nifti"`` (``.nii.gz``), ``"dicom"`` (an uncompressed series, one file a slice) or ``"auto"``, the input's
-    own kind (:func:`bench_format`)."""
-    source = load_study(Path(study_path or EXAMPLE_CT))
+    own kind (:func:`bench_format`); ``"stored"`` reads the input itself, all its slices (``n_slices`` does not
+    apply)."""
+    source_path = Path(study_path or EXAMPLE_CT)
+    source = load_study(source_path)
     fmt = bench_format(source, fmt)
+    stored_as = f"as stored ({source.source_format})"
+    if fmt == STORED:
+        n_slices = source.n_slices
     torch.set_num_threads(threads or usable_cores())
     det = Detector.from_pretrained(model)
     window = tuple(det.config["window"])
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     with tempfile.TemporaryDirectory(prefix="lungsight-bench-") as tmp:
-        write, name = FORMATS[fmt]
-        path = write(*_resampled(source, n_slices), Path(tmp) / name)
+        if fmt == STORED:
+            path = source_path
+        else:
+            write, name = FORMATS[fmt]
+            path = write(*_resampled(source, n_slices), Path(tmp) / name)
+            stored_as = "as .nii.gz" if fmt == "nifti" else "as uncompressed DICOM"
         del source
         for r in range(repeats + 1):  # the first round warms up and is not counted
             study, t_read = _timed(load_study, path)
@@ -165,8 +177,7 @@ def run_bench(
     }
     print(
         f"model {model} ({det.config['arch']}, {det.config['input_size']} px), {figures['threads']} threads, "
-        f"{n_slices}-slice series as {'.nii.gz' if fmt == 'nifti' else 'uncompressed DICOM'} ({kept} kept by slice "
-        f"selection), median of {repeats}"
+        f"{n_slices}-slice series {stored_as} ({kept} kept by slice selection), median of {repeats}"
     )
     print(f"  bare model forward, {kept} kept slices   : {med['forward']:.3f} s")
     print(f"  bare model forward, all {n_slices} slices : {med['forward_all']:.3f} s")

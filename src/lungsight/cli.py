@@ -212,10 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument(
         "--format",
-        choices=("auto", "nifti", "dicom"),
+        choices=("auto", "nifti", "dicom", "stored"),
         default="auto",
         help="write the resampled series as .nii.gz or as an uncompressed DICOM series and time reading it "
-        "(default auto: DICOM for a DICOM input, else .nii.gz)",
+        "(default auto: DICOM for a DICOM input, else .nii.gz); stored: time the input itself, as it is stored "
+        "(its own slices, compression and headers; --slices does not apply)",
     )
 
     p = sub.add_parser("speed", help="seconds per study against series length for several models (paper 002 Table 7)")
