@@ -523,6 +523,27 @@ def test_the_header_pass_reads_no_further_than_group_0028(
     assert seen == [True] * 20
 
 
+def test_image_attributes_stored_out_of_tag_order_are_still_found(uncompressed_series: Path, tmp_path: Path) -> None:
+    """A non-conformant file whose Rows and Columns follow a private group 0029 element: the header pass, which
+    stops at group 0029, reads such a header whole instead of taking the file for one without an image."""
+    import struct
+
+    first = sorted(uncompressed_series.glob("*.dcm"))[0]
+    data = first.read_bytes()
+    rows_el = b"\x28\x00\x10\x00US\x02\x00"
+    cols_el = b"\x28\x00\x11\x00US\x02\x00"
+    rows_at, cols_at = data.index(rows_el), data.index(cols_el)
+    assert cols_at == rows_at + 10  # Rows, then Columns, 10 bytes each
+    moved = data[rows_at : rows_at + 20]
+    data = data[:rows_at] + data[rows_at + 20 :]
+    private = data.index(b"\x29\x00\x10\x00LO")
+    (length,) = struct.unpack("<H", data[private + 6 : private + 8])
+    end = private + 8 + length
+    shuffled = tmp_path / "shuffled.dcm"
+    shuffled.write_bytes(data[:end] + moved + data[end:])
+    np.testing.assert_array_equal(load_study(shuffled).pixels, load_study(first).pixels)
+
+
 def test_pixel_data_that_is_not_the_last_element_goes_through_pydicom(
     uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
 ) -> None:

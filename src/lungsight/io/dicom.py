@@ -178,6 +178,9 @@ def _header(path: Path, name: NameFn) -> _Header | None:
     try:
         with open(path, "rb") as fp:
             ds = read_partial(fp, stop_when=_past_header_groups, force=False)
+            if "Rows" not in ds or "Columns" not in ds:  # no image, or elements out of tag order: read it all
+                fp.seek(0)
+                ds = dcmread(fp, force=False, stop_before_pixels=True)
             raw = _raw_pixels(ds, fp)
     except InvalidDicomError:
         raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
