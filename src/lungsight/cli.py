@@ -208,7 +208,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, nargs="?", help="study to time (default: the bundled example)")
     p.add_argument("--model", default="ct-default")
     p.add_argument("--slices", type=int, default=100, help="series length to time (resampled from the input)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="timed rounds after one warm-up (default 7: on a shared machine single rounds move by 10 points)",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument(
         "--format",
