@@ -5,9 +5,8 @@ value it needs lies (:func:`_past_header_groups`), to group files by SeriesInsta
 geometry and sort it; the second decodes one file at a time into a preallocated float32 array. The usual CT slice
 (uncompressed little-endian 16-bit pixels, the plain rescale) is read in the second pass straight from its pixel
 data element, located by the first pass, without parsing the header again (:func:`_read_raw_ct`); anything else,
-or anything unexpected there, goes through pydicom. No pydicom
-dataset outlives the function that read it, and only whitelisted tags (:mod:`lungsight.io.deid`) reach the
-returned :class:`~lungsight.study.Study`.
+or anything unexpected there, goes through pydicom. No pydicom dataset outlives the function that read it, and
+only whitelisted tags (:mod:`lungsight.io.deid`) reach the returned :class:`~lungsight.study.Study`.
 """
 
 from __future__ import annotations
@@ -169,8 +168,8 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 def _past_header_groups(tag: int, vr: str | None, length: int) -> bool:
     """pydicom's ``stop_when``: stop at the first top-level element after group 0028. What follows in a scanner's
     file (private groups such as Siemens' CSA headers, request and procedure sequences, the pixel data) is never
-    read by the header pass, and parsing it took about as long as the rest (see ``docs/speed.md``). Sequence items
-    are read whole: pydicom asks this only of top-level elements."""
+    read by the header pass; parsing it cost about 10 ms per 100 slices of the real series, 8 % of reading them
+    (``docs/speed.md``). Sequence items are read whole: pydicom asks this only of top-level elements."""
     return tag >> 16 > _LAST_HEADER_GROUP  # int's shift: pydicom's BaseTag compares in Python, slowly
 
 
