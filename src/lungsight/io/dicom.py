@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import cast
 
 import numpy as np
 from pydicom import config as pydicom_config
@@ -173,6 +173,15 @@ def _past_header_groups(tag: int, vr: str | None, length: int) -> bool:
     return tag >> 16 > _LAST_HEADER_GROUP  # int's shift: pydicom's BaseTag compares in Python, slowly
 
 
+@dataclass(frozen=True)
+class _Stop:
+    """Where the header pass stopped in a file (pydicom rewinds to the start of the element it stopped at)."""
+
+    offset: int
+    at_pixel_data: bool  # the element there is PixelData
+    file_size: int
+
+
 def _header(path: Path, name: NameFn) -> _Header | None:
     try:
         with open(path, "rb") as fp:
@@ -180,7 +189,8 @@ def _header(path: Path, name: NameFn) -> _Header | None:
             if "Rows" not in ds or "Columns" not in ds:  # no image, or elements out of tag order: read it all
                 fp.seek(0)
                 ds = dcmread(fp, force=False, stop_before_pixels=True)
-            raw = _raw_pixels(ds, fp)
+            offset = fp.tell()
+            stop = _Stop(offset, fp.read(4) == _PIXEL_DATA_TAG, os.fstat(fp.fileno()).st_size)
     except InvalidDicomError:
         raise InputError(f"{name(path)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except Exception as exc:
@@ -190,6 +200,8 @@ def _header(path: Path, name: NameFn) -> _Header | None:
         return None
     spacing = _floats(ds, "PixelSpacing", 2)
     instance = _number(ds, "InstanceNumber")
+    file_meta = getattr(ds, "file_meta", None)
+    transfer_syntax = cast("UID | None", _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None)
     return _Header(
         path=path,
         uid=str(_get(ds, "SeriesInstanceUID", "") or ""),
@@ -202,58 +214,44 @@ def _header(path: Path, name: NameFn) -> _Header | None:
         iop=_floats(ds, "ImageOrientationPatient", 6),
         ipp=_floats(ds, "ImagePositionPatient", 3),
         instance=None if instance is None else int(instance),
-        transfer_syntax=_transfer_syntax(ds),
+        transfer_syntax=transfer_syntax,
         gantry_tilt=_number(ds, "GantryDetectorTilt", 0.0) or 0.0,
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
         view=" ".join(str(_get(ds, "ViewPosition", "") or "").upper().split())[:16],
-        raw=raw,
+        raw=_raw_pixels(ds, transfer_syntax, int(rows) * int(cols), stop),
     )
-
-
-def _transfer_syntax(ds: Dataset) -> UID | None:
-    file_meta = getattr(ds, "file_meta", None)
-    return _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None  # type: ignore[return-value]
 
 
 _RAW_SYNTAXES = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # -> explicit VR
 
 
-def _raw_pixels(ds: Dataset, fp: BinaryIO) -> _RawPixels | None:
-    """How to read ``ds``'s pixels without pydicom, for the usual CT slice only: uncompressed little-endian,
-    16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept. ``fp`` is the
-    file, where the header pass stopped (pydicom rewinds to the start of the element it stopped at)."""
-    syntax = _transfer_syntax(ds)
-    explicit = _RAW_SYNTAXES.get(syntax) if syntax is not None else None
+def _raw_pixels(ds: Dataset, transfer_syntax: UID | None, pixels: int, stop: _Stop) -> _RawPixels | None:
+    """How to read ``ds``'s pixels (``pixels`` a frame) without pydicom, for the usual CT slice only: uncompressed
+    little-endian, 16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept.
+
+    The PixelData element is expected where the header pass stopped if it is there (nothing between the image
+    attributes and the pixels), else as the file's last element, where scanners put it. :func:`_read_raw_ct` checks
+    the element's tag, VR and length before reading and leaves the file to pydicom if they are not as expected
+    (pixel data followed by padding, for one)."""
+    explicit = _RAW_SYNTAXES.get(transfer_syntax) if transfer_syntax is not None else None
     intercept = _plain_intercept(ds)
     if explicit is None or intercept is None:
         return None
-    rows, cols = _number(ds, "Rows"), _number(ds, "Columns")
     stored, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
     representation = _number(ds, "PixelRepresentation")
     if (
-        rows is None
-        or cols is None
-        or _number(ds, "BitsAllocated") != 16
+        _number(ds, "BitsAllocated") != 16
         or stored is None
         or not 1 <= stored <= 16
         or high != stored - 1
         or representation not in (0, 1)
     ):
         return None
-    offset = _pixel_offset(fp, 12 if explicit else 8, 2 * int(rows) * int(cols))
+    offset = stop.offset
+    if not stop.at_pixel_data:  # a file too short for it: pydicom says why
+        offset = max(offset, stop.file_size - (12 if explicit else 8) - 2 * pixels)
     return _RawPixels(offset, explicit, int(stored), representation == 1, intercept)
-
-
-def _pixel_offset(fp: BinaryIO, element_header: int, value_bytes: int) -> int:
-    """Where a single-frame slice's PixelData element should start: where the header pass stopped if it is there
-    (nothing between the image attributes and the pixels), else as the file's last element, where scanners put
-    it. :func:`_read_raw_ct` checks the element's tag, VR and length before reading and leaves the file to pydicom
-    if they are not as expected (pixel data followed by padding, for one)."""
-    stop = fp.tell()
-    if fp.read(4) == _PIXEL_DATA_TAG:
-        return stop
-    return max(stop, os.fstat(fp.fileno()).st_size - element_header - value_bytes)  # a short file: pydicom says why
 
 
 def _plain_intercept(ds: Dataset) -> float | None:
