@@ -65,13 +65,6 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return np.minimum(np.fmax(a, 0.0), 1.0)
 
 
-def _grey01(slice01: np.ndarray) -> np.ndarray:
-    s = np.asarray(slice01, dtype=np.float32)
-    if s.ndim != 2:
-        raise ValueError(f"expected a 2-D slice, got shape {s.shape}")
-    return _unit(s)
-
-
 def _outline(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """One-pixel inner contour of a boolean mask (resized to ``shape`` by nearest neighbour)."""
     m = np.asarray(mask).astype(bool)
@@ -97,16 +90,23 @@ def overlay_image(
     slice.
     ``mask_outline``, a boolean mask (e.g. the lungs), is drawn as a thin magenta contour.
     """
-    return _overlay_rgb(_grey01(slice01), cam, alpha, cmap, mask_outline)
+    return _overlay_rgb(_grey8(slice01), cam, alpha, cmap, mask_outline)
+
+
+def _grey8(slice01: np.ndarray) -> np.ndarray:
+    """The slice's grey levels 0-255 (uint8: narrow integers convert several times faster than ``intp``)."""
+    s = np.asarray(slice01, dtype=np.float32)
+    if s.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {s.shape}")
+    return (_unit(s) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _overlay_rgb(
     grey: np.ndarray, cam: np.ndarray | None, alpha: float, cmap: str, mask_outline: np.ndarray | None
 ) -> np.ndarray:
-    """:func:`overlay_image` of a slice already through :func:`_grey01`."""
-    grey_idx = (grey * 255.0 + 0.5).astype(np.uint16)  # 0-255; narrow integers convert several times faster
+    """:func:`overlay_image` of a slice already turned into grey levels by :func:`_grey8`."""
     if cam is None:
-        out = np.repeat(grey_idx.astype(np.uint8)[..., None], 3, axis=2)
+        out = np.repeat(grey[..., None], 3, axis=2)
     else:
         c = np.asarray(cam, dtype=np.float32)
         if c.ndim != 2:
@@ -114,7 +114,7 @@ def _overlay_rgb(
         c = _unit(_resize(c, grey.shape, "bilinear"))
         cam_idx = (c * 255.0 + 0.5).astype(np.uint16)
         cam_idx[c <= CAM_FLOOR] = 0
-        rows = (grey_idx.astype(np.intp) << 8) | cam_idx  # grey * 256 + cam: the blend table's row
+        rows = (grey.astype(np.intp) << 8) | cam_idx  # grey * 256 + cam: the blend table's row
         out = np.take(_blend_table(cmap, float(alpha)), rows, axis=0)
     if mask_outline is not None:
         out[_outline(mask_outline, grey.shape)] = OUTLINE_RGB
@@ -150,9 +150,8 @@ def save_overlay(
     The image keeps the slice's resolution (no upscaling). Parent folders are created and the write is atomic.
     """
     path = Path(path)
-    grey01 = _grey01(slice01)
-    grey = (grey01 * 255.0 + 0.5).astype(np.uint8)
-    over = _overlay_rgb(grey01, cam, alpha, cmap, mask_outline)
+    grey = _grey8(slice01)
+    over = _overlay_rgb(grey, cam, alpha, cmap, mask_outline)
     h, w = grey.shape
     width = 2 * w + PANEL_GAP
     strip = _caption_strip(caption, width, size=min(22, max(11, round(h / 28)))) if caption else None
