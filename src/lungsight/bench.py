@@ -120,7 +120,8 @@ def run_bench(
     source_path = Path(study_path or EXAMPLE_CT)
     source = load_study(source_path)
     fmt = bench_format(source, fmt)
-    stored_as = f"as stored ({source.source_format})"
+    labels = {"nifti": "as .nii.gz", "dicom": "as uncompressed DICOM"}
+    stored_as = labels.get(fmt, f"as stored ({source.source_format})")
     if fmt == STORED:
         n_slices = source.n_slices
     torch.set_num_threads(threads or usable_cores())
@@ -134,7 +135,6 @@ def run_bench(
         else:
             write, name = FORMATS[fmt]
             path = write(*_resampled(source, n_slices), Path(tmp) / name)
-            stored_as = "as .nii.gz" if fmt == "nifti" else "as uncompressed DICOM"
         del source
         for r in range(repeats + 1):  # the first round warms up and is not counted
             study, t_read = _timed(load_study, path)
