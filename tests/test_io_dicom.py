@@ -24,7 +24,7 @@ def real(ct_dicom_dir: Path):
 
 def test_real_series_shape_hu_spacing(real, ct_dicom_dir: Path) -> None:
     assert real.modality == "CT" and real.intensity == "hu" and real.source_format == "dicom-series"
-    assert real.pixels.shape == (20, 512, 512) and real.pixels.dtype == np.float32
+    assert real.pixels.shape == (20, 512, 512) and real.pixels.dtype == np.int16  # 12 bits, intercept -1024
     assert real.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
     air = real.pixels[:, 20:60, 200:300]  # above the patient, inside the field of view
     assert -1050 < float(np.median(air)) < -950
@@ -367,11 +367,12 @@ def test_mirrored_axial_storage_is_shown_in_radiological_convention(
         (np.int16, 1.0, 0.0),
         (np.int16, 2.5, -1024.0),
         (np.uint16, 1.0, -1024.5),
+        (np.uint8, 1.0, -1024.0),
     ],
 )
 def test_ct_rescale_fast_path_matches_pydicom(dtype: type, slope: float, intercept: float) -> None:
-    """The usual CT rescale is one float32 addition; it must give exactly pydicom's float64 result (cast to
-    float32), and any other rescale goes through pydicom."""
+    """The usual CT rescale is one addition; it must give exactly pydicom's float64 result (cast to float32, or
+    into an int16 volume where every value fits), and any other rescale goes through pydicom."""
     from pydicom.dataset import Dataset
 
     from lungsight.io.dicom import _ct_values
@@ -381,8 +382,13 @@ def test_ct_rescale_fast_path_matches_pydicom(dtype: type, slope: float, interce
     ds = Dataset()
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     out = np.empty((64, 64), np.float32)
-    _ct_values(arr, ds, out[::-1])  # the reader writes into flipped views
-    np.testing.assert_array_equal(out[::-1], apply_modality_lut(arr, ds).astype(np.float32))
+    assert _ct_values(arr, ds, out[::-1])  # the reader writes into flipped views
+    expected = apply_modality_lut(arr, ds)
+    np.testing.assert_array_equal(out[::-1], expected.astype(np.float32))
+    whole = np.zeros((64, 64), np.int16)  # an int16 volume takes whole HU within its range only
+    fits = slope == 1.0 and intercept.is_integer() and expected.min() >= -(2**15) and expected.max() < 2**15
+    assert _ct_values(arr, ds, whole[::-1]) == fits
+    np.testing.assert_array_equal(whole[::-1], expected if fits else 0)
 
 
 def test_headers_describing_more_pixels_than_memory_holds_are_a_clear_error(
@@ -465,6 +471,88 @@ def test_raw_reading_masks_or_sign_extends_as_pydicom(
     assert _read_raw_ct(header, out)
     expected = dicom_read(path).pixel_array.astype(np.float64) + float(ds.RescaleIntercept)
     np.testing.assert_array_equal(out, expected.astype(np.float32))
+    # an int16 volume: the exact integer addition, into a flipped view as for a mirrored series; with 16 random
+    # stored bits and the intercept of -1024 some values leave int16's range, and pydicom is left to read them
+    whole = np.zeros((ds.Rows, ds.Columns), np.int16)
+    fits = expected.min() >= -(2**15) and expected.max() < 2**15
+    assert fits == (stored < 16)
+    assert _read_raw_ct(header, whole[:, ::-1]) == fits
+    np.testing.assert_array_equal(whole[:, ::-1], expected if fits else 0)
+
+
+def test_whole_hounsfield_units_are_stored_as_int16_only_where_every_value_fits(
+    ct_dicom_dir: Path, uncompressed_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dicom_copy
+) -> None:
+    """The real series (12 bits, intercept -1024) is kept as int16, compressed or not. 16 unsigned bits with the
+    same intercept could reach 64511 HU but do not: int16, every slice read raw. One slice where one does (a
+    stored 40000) is read by pydicom and turns the series into float32, as does one slice with a slope; the values
+    are those of the float32 reader in every case."""
+    reference = load_study(uncompressed_series).pixels
+    assert reference.dtype == np.int16 and load_study(ct_dicom_dir).pixels.dtype == np.int16
+
+    def sixteen_bits(ds, index):
+        ds.BitsStored, ds.HighBit = 16, 15
+
+    folder = tmp_path / "sixteen_bits"
+    dicom_copy(uncompressed_series, folder, edit=sixteen_bits)
+    seen = _raw_reads(monkeypatch)
+    study = load_study(folder)
+    assert study.pixels.dtype == np.int16 and seen == [True] * 20
+    np.testing.assert_array_equal(study.pixels, reference)
+
+    def one_beyond(ds, index):
+        sixteen_bits(ds, index)
+        if index == 7:
+            values = ds.pixel_array.copy()
+            values[0, 0] = 40_000
+            ds.PixelData = values.tobytes()
+
+    def one_sloped(ds, index):
+        if index == 7:
+            values = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept)  # the same HU, rescaled otherwise
+            ds.PixelData = ((values + 2048) // 2).astype(np.uint16).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept, ds.BitsStored, ds.HighBit = 2, -2048, 16, 15
+
+    for edit in (one_beyond, one_sloped):
+        folder = tmp_path / edit.__name__
+        dicom_copy(uncompressed_series, folder, edit=edit)
+        seen = _raw_reads(monkeypatch)
+        study = load_study(folder)
+        assert study.pixels.dtype == np.float32, edit.__name__
+        assert seen.count(False) == 1  # the edited slice, read by pydicom
+        expected = reference.astype(np.float32)
+        (k,) = np.flatnonzero((study.pixels != expected).any(axis=(1, 2)))
+        if edit is one_beyond:
+            assert study.pixels[k].max() == 40_000 - 1024
+            expected[k][study.pixels[k] == 40_000 - 1024] = 40_000 - 1024
+        else:  # the sloped slice's odd HU lose their last bit
+            expected[k] = 2 * ((expected[k] + 2048) // 2) - 2048
+        np.testing.assert_array_equal(study.pixels, expected)
+
+
+def test_a_decoded_value_outside_the_declared_range_turns_the_series_to_float32(
+    ct_dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder may give more bits than BitsStored declares (a JPEG 2000 codestream of higher precision): the
+    slices already read as int16 are carried over exactly and the series is read on as float32."""
+    from pydicom.dataset import Dataset
+
+    reference = load_study(ct_dicom_dir).pixels.astype(np.float32)
+    decode = Dataset.pixel_array.fget
+    calls: list[int] = []
+
+    def wider(ds):
+        calls.append(1)
+        arr = decode(ds)
+        return arr + np.uint16(40_000) if len(calls) == 12 else arr
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(wider))
+    study = load_study(ct_dicom_dir)
+    assert study.pixels.dtype == np.float32
+    changed = np.flatnonzero((study.pixels != reference).any(axis=(1, 2)))
+    assert len(changed) == 1
+    np.testing.assert_array_equal(study.pixels[changed[0]], reference[changed[0]] + 40_000)
+    np.testing.assert_array_equal(np.delete(study.pixels, changed, axis=0), np.delete(reference, changed, axis=0))
 
 
 def test_slices_the_raw_reader_does_not_take_go_through_pydicom(

@@ -226,19 +226,25 @@ def test_truncated_voxel_data_is_named_and_leaves_no_thread(ct_nifti_sm: Path, t
 @pytest.mark.parametrize("dtype", ["i1", "u1", "i2", "u2", "i4", "f4", "f8"])
 @pytest.mark.parametrize("byte_order", ["<", ">"])
 def test_streamed_and_general_readers_agree_on_every_voxel_type_and_scaling(
-    dtype: str, byte_order: str, tmp_path: Path
+    dtype: str, byte_order: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The streaming reader against nibabel's reorientation (which the flipped affine sends the general reader
     through): every stored type in both byte orders, with no scaling, nibabel's "no scaling" slope 0 and NaN, a
-    CT rescale, a fractional one and one that overflows float32; NaN voxels included."""
+    CT rescale, a fractional one and one that overflows float32; NaN voxels included. The streamed volume is int16
+    exactly where every value is a whole HU in int16's range once scaled (a stored 40000, where the type holds it,
+    is not)."""
     import struct
 
+    import lungsight.io.nifti as nifti
     from lungsight.io.nifti import _nifti_file, _read_image, _read_streamed
 
+    monkeypatch.setattr(nifti, "SLAB_BYTES", 1)  # a slab a slice
     rng = np.random.default_rng(3)
     kind = np.dtype(dtype).kind
     data = rng.normal(0, 50, (7, 6, 5)) if kind == "f" else rng.integers(0, 100, (7, 6, 5))
     data = data.astype(np.dtype(dtype).newbyteorder(byte_order))
+    if kind in "iu" and np.iinfo(dtype).max >= 40_000:
+        data.flat[-1] = 40_000  # in the last slice read: the volume turns float32 after four slices read as int16
     if kind == "f":
         data.flat[3] = np.nan
     plain = tmp_path / "v.nii"
@@ -246,8 +252,15 @@ def test_streamed_and_general_readers_agree_on_every_voxel_type_and_scaling(
     stored = plain.read_bytes()
     order = "<" if stored[:4] == struct.pack("<i", 348) else ">"
     for k, (slope, inter) in enumerate(
-        [(1.0, 0.0), (0.0, 5.0), (np.nan, np.nan), (2.0, -1024.0), (0.5, 0.25), (1e38, 0)]
+        [(1.0, 0.0), (0.0, 5.0), (np.nan, np.nan), (2.0, -1024.0), (0.5, 0.25), (1e38, 0), (1.0, -1024.0)]
     ):
+        effective = (1.0, 0.0) if k in (1, 2) else (slope, inter)  # slope 0 or NaN: no scaling, as nibabel reads it
+        whole = (
+            kind in "iu"
+            and effective[0] == 1.0
+            and data.min() + effective[1] >= -(2**15)
+            and data.max() + effective[1] < 2**15
+        )
         scaled = bytearray(stored)
         scaled[112:120] = struct.pack(order + "ff", slope, inter)  # scl_slope, scl_inter
         for path in (tmp_path / f"{k}.nii", tmp_path / f"{k}.nii.gz"):
@@ -256,7 +269,7 @@ def test_streamed_and_general_readers_agree_on_every_voxel_type_and_scaling(
                 streamed = _read_streamed(path, path.name, 10**9)
                 with _nifti_file(path) as image:
                     general = _read_image(image, path.name, 10**9)
-            assert streamed is not None
+            assert streamed is not None and streamed.pixels.dtype == (np.int16 if whole else np.float32)
             np.testing.assert_array_equal(streamed.pixels, general.pixels)
             assert streamed.warnings == general.warnings and streamed.metadata == general.metadata
             assert streamed.spacing == general.spacing

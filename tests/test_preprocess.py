@@ -148,14 +148,23 @@ def test_a_subset_of_a_16_bit_study_is_mapped_with_the_whole_study_s_bounds():
 
 @pytest.mark.parametrize(
     ("intensity", "shape", "size"),
-    [("hu", (5, 64, 64), 24), ("hu", (3, 40, 56), 24), ("grey8", (4, 16, 16), 24), ("hu", (2, 24, 24), 24)],
+    [
+        ("hu", (5, 64, 64), 24),
+        ("hu", (3, 40, 56), 24),
+        ("grey8", (4, 16, 16), 24),
+        ("hu", (2, 24, 24), 24),
+        ("hu-int16", (5, 64, 64), 24),
+    ],
 )
 def test_windowed_model_batch_is_model_batch_of_the_windowed_values(intensity, shape, size):
     """Clipping before the resize and scaling after it gives the unit path's input up to rounding: shrinking
-    (square and not), enlarging and no resize, values far outside the window included."""
+    (square and not), enlarging and no resize, values far outside the window included, HU stored as int16 too."""
     rng = np.random.default_rng(7)
-    if intensity == "hu":
+    if intensity.startswith("hu"):
         values = rng.normal(-600.0, 900.0, shape).astype(np.float32)
+        if intensity == "hu-int16":
+            values = values.round().astype(np.int16)
+        intensity = "hu"
     else:
         values = rng.integers(0, 256, shape).astype(np.float32)
     bounds = unit_bounds(values, intensity)
@@ -173,7 +182,9 @@ def test_tensor_view_shares_memory_only_where_it_safely_can():
     assert np.shares_memory(tensor_view(a).numpy(), a)
     read_only = a.copy()
     read_only.flags.writeable = False
-    for other in (a[::-1], a[:, :, ::2], read_only, a.astype(np.int16)):
+    whole = a.astype(np.int16)  # how readers store whole HU
+    assert tensor_view(whole).dtype == torch.int16 and np.shares_memory(tensor_view(whole).numpy(), whole)
+    for other in (a[::-1], a[:, :, ::2], read_only, a.astype(np.int32)):
         t = tensor_view(other)  # no warning, no error on negative strides
         assert t.dtype == torch.float32 and not np.shares_memory(t.numpy(), a)
         np.testing.assert_array_equal(t.numpy(), other)

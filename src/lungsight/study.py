@@ -9,6 +9,20 @@ import numpy as np
 
 Modality = Literal["CT", "XR"]
 Intensity = Literal["hu", "grey8", "grey16"]
+#: What :attr:`Study.pixels` may be stored as for Hounsfield units (any other type is converted to float32).
+HU_DTYPES = (np.dtype(np.float32), np.dtype(np.int16))
+
+
+def fits_int16(low: float, high: float) -> bool:
+    """Whether whole numbers from ``low`` to ``high`` fit in int16, as readers store Hounsfield units."""
+    info = np.iinfo(np.int16)
+    return bool(info.min <= low and high <= info.max)
+
+
+def int16_wrapped(value: float) -> np.int16:
+    """The whole number ``value`` modulo 2**16, as int16. Added to integers in int16 arithmetic, which wraps modulo
+    2**16 too, it gives every sum that fits in int16 exactly, whatever the size of ``value``."""
+    return np.int16((int(value) + 2**15) % 2**16 - 2**15)
 
 
 @dataclass(frozen=True)
@@ -27,8 +41,12 @@ class Study:
     """One patient study, de-identified, with pixels in a documented unit.
 
     Attributes:
-        pixels: ``(n_slices, height, width)`` float32 array. For ``intensity == "hu"`` the values are Hounsfield units;
-            for ``"grey8"`` they are 0–255 display values; for ``"grey16"`` they are raw 16-bit detector/display values.
+        pixels: ``(n_slices, height, width)`` array. For ``intensity == "hu"`` the values are Hounsfield units, as
+            int16 when every one is a whole number in int16's range (the usual CT: a DICOM series with the plain
+            rescale, a NIfTI volume of integers with no scaling but a whole intercept; half the memory of
+            float32), as float32 otherwise; for ``"grey8"`` they are 0–255 display values and for ``"grey16"``
+            raw 16-bit detector/display values, both float32. Take ``pixels.astype(np.float32)`` before arithmetic
+            that could leave int16's range.
             Slices are in anatomical order (sorted along the slice normal for DICOM) and rows run top to bottom as a
             radiologist views the image.
         modality: ``"CT"`` for a CT slice series or slice images, ``"XR"`` for a radiograph.
@@ -56,7 +74,8 @@ class Study:
             self.pixels = self.pixels[None]
         if self.pixels.ndim != 3:
             raise ValueError(f"Study.pixels must be (slices, rows, cols), got shape {self.pixels.shape}")
-        if self.pixels.dtype != np.float32:
+        allowed = HU_DTYPES if self.intensity == "hu" else HU_DTYPES[:1]
+        if self.pixels.dtype not in allowed:
             self.pixels = self.pixels.astype(np.float32)
         if not self.slice_labels:
             self.slice_labels = [f"slice {i:04d}" for i in range(self.n_slices)]

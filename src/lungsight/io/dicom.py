@@ -2,11 +2,14 @@
 
 Two passes keep memory flat: the first reads headers only, and of each header only groups 0002-0028, where every
 value it needs lies (:func:`_past_header_groups`), to group files by SeriesInstanceUID, pick a series, check its
-geometry and sort it; the second decodes one file at a time into a preallocated float32 array. The usual CT slice
-(uncompressed little-endian 16-bit pixels, the plain rescale) is read in the second pass straight from its pixel
-data element, located by the first pass, without parsing the header again (:func:`_read_raw_ct`); anything else,
-or anything unexpected there, goes through pydicom. No pydicom dataset outlives the function that read it, and
-only whitelisted tags (:mod:`lungsight.io.deid`) reach the returned :class:`~lungsight.study.Study`.
+geometry and sort it; the second decodes one file at a time into a preallocated array: int16 Hounsfield units when
+every header of a CT series declares the plain rescale of 16-bit values (slope 1, a whole intercept: the usual CT)
+and every value fits in int16 (a slice with one that does not turns the volume into float32 as it is read), float32
+otherwise. The usual CT slice (uncompressed little-endian 16-bit pixels, the plain rescale) is read in the second
+pass straight from its pixel data element, located by the first pass, without parsing the header again
+(:func:`_read_raw_ct`); anything else, or anything unexpected there, goes through pydicom. No pydicom dataset
+outlives the function that read it, and only whitelisted tags (:mod:`lungsight.io.deid`) reach the returned
+:class:`~lungsight.study.Study`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pydicom.values import convert_value
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
-from lungsight.study import SeriesInfo, Study
+from lungsight.study import SeriesInfo, Study, fits_int16, int16_wrapped
 
 logger = logging.getLogger("lungsight.io")
 
@@ -76,18 +79,31 @@ class _Header:
     pixel_spacing: tuple[float, float] | None
     thickness: float | None
     view: str = ""
+    stored: _PlainStored | None = None
     raw: _RawPixels | None = None
 
 
 @dataclass(frozen=True)
+class _PlainStored:
+    """16-bit stored integers that the plain rescale (no modality LUT, slope 1, a whole intercept) turns into HU."""
+
+    bits: int  # bits stored, the high bit being bits - 1
+    signed: bool
+    intercept: int
+
+    @property
+    def hu_range(self) -> tuple[int, int]:
+        """The Hounsfield units these stored values can give."""
+        low, high = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.signed else (0, (1 << self.bits) - 1)
+        return self.intercept + low, self.intercept + high
+
+
+@dataclass(frozen=True)
 class _RawPixels:
-    """Where an uncompressed 16-bit CT slice's pixel data lies and how to turn it into HU without pydicom."""
+    """Where an uncompressed 16-bit CT slice's pixel data lies, read without pydicom (see :func:`_raw_pixels`)."""
 
     offset: int  # where the PixelData element's tag is expected in the file (checked before reading)
     explicit_vr: bool
-    bits_stored: int
-    signed: bool
-    intercept: float
 
 
 @contextmanager
@@ -202,6 +218,7 @@ def _header(path: Path, name: NameFn) -> _Header | None:
     instance = _number(ds, "InstanceNumber")
     file_meta = getattr(ds, "file_meta", None)
     transfer_syntax = cast("UID | None", _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None)
+    stored = _plain_stored(ds)
     return _Header(
         path=path,
         uid=str(_get(ds, "SeriesInstanceUID", "") or ""),
@@ -219,39 +236,52 @@ def _header(path: Path, name: NameFn) -> _Header | None:
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
         thickness=_number(ds, "SliceThickness"),
         view=" ".join(str(_get(ds, "ViewPosition", "") or "").upper().split())[:16],
-        raw=_raw_pixels(ds, transfer_syntax, int(rows) * int(cols), stop),
+        stored=stored,
+        raw=_raw_pixels(stored, transfer_syntax, int(rows) * int(cols), stop),
     )
 
 
 _RAW_SYNTAXES = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}  # -> explicit VR
 
 
-def _raw_pixels(ds: Dataset, transfer_syntax: UID | None, pixels: int, stop: _Stop) -> _RawPixels | None:
-    """How to read ``ds``'s pixels (``pixels`` a frame) without pydicom, for the usual CT slice only: uncompressed
-    little-endian, 16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept.
+def _raw_pixels(
+    stored: _PlainStored | None, transfer_syntax: UID | None, pixels: int, stop: _Stop
+) -> _RawPixels | None:
+    """How to read a slice's pixels (``pixels`` a frame) without pydicom, for the usual CT slice only: uncompressed
+    little-endian, 16 bits allocated, high bit = bits stored - 1, no modality LUT, slope 1 and a whole intercept
+    (``stored``).
 
     The PixelData element is expected where the header pass stopped if it is there (nothing between the image
     attributes and the pixels), else as the file's last element, where scanners put it. :func:`_read_raw_ct` checks
     the element's tag, VR and length before reading and leaves the file to pydicom if they are not as expected
     (pixel data followed by padding, for one)."""
     explicit = _RAW_SYNTAXES.get(transfer_syntax) if transfer_syntax is not None else None
-    intercept = _plain_intercept(ds)
-    if explicit is None or intercept is None:
-        return None
-    stored, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
-    representation = _number(ds, "PixelRepresentation")
-    if (
-        _number(ds, "BitsAllocated") != 16
-        or stored is None
-        or not 1 <= stored <= 16
-        or high != stored - 1
-        or representation not in (0, 1)
-    ):
+    if explicit is None or stored is None:
         return None
     offset = stop.offset
     if not stop.at_pixel_data:  # a file too short for it: pydicom says why
         offset = max(offset, stop.file_size - (12 if explicit else 8) - 2 * pixels)
-    return _RawPixels(offset, explicit, int(stored), representation == 1, intercept)
+    return _RawPixels(offset, explicit)
+
+
+def _plain_stored(ds: Dataset) -> _PlainStored | None:
+    """What the header says of the usual CT slice's stored values: 16 bits allocated, high bit = bits stored - 1,
+    the plain rescale (:func:`_plain_intercept`); ``None`` for anything else (a series with one such header is
+    read as float32)."""
+    intercept = _plain_intercept(ds)
+    if intercept is None:
+        return None
+    bits, high = _number(ds, "BitsStored"), _number(ds, "HighBit")
+    representation = _number(ds, "PixelRepresentation")
+    if (
+        _number(ds, "BitsAllocated") != 16
+        or bits is None
+        or not 1 <= bits <= 16
+        or high != bits - 1
+        or representation not in (0, 1)
+    ):
+        return None
+    return _PlainStored(int(bits), representation == 1, int(intercept))
 
 
 def _plain_intercept(ds: Dataset) -> float | None:
@@ -270,11 +300,12 @@ def _plain_intercept(ds: Dataset) -> float | None:
 
 
 def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
-    """Write the slice of ``header`` as HU into ``out`` straight from the file (see :func:`_raw_pixels`), exactly
-    as pydicom decodes and rescales it (unused high bits masked, or the sign extended from the bits stored).
-    ``False``, with ``out`` untouched, when the file is not as its header promised: pydicom then reads it."""
-    raw = header.raw
-    if raw is None or header.samples != 1 or header.frames != 1:
+    """Write the slice of ``header`` as HU into ``out`` (float32 or int16) straight from the file (see
+    :func:`_raw_pixels`), exactly as pydicom decodes and rescales it (unused high bits masked, or the sign extended
+    from the bits stored). ``False``, with ``out`` untouched, when the file is not as its header promised, or when
+    ``out`` is int16 and a value does not fit in it: pydicom then reads it (and :func:`_ct_values` says so)."""
+    raw, stored = header.raw, header.stored
+    if raw is None or stored is None or header.samples != 1 or header.frames != 1:
         return False
     count = header.rows * header.cols
     try:
@@ -288,15 +319,24 @@ def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
             (length,) = struct.unpack("<I", element[-4:])
             if length == 0xFFFFFFFF or length < 2 * count:  # encapsulated, or short: pydicom says what is wrong
                 return False
-            values = np.fromfile(fp, dtype="<i2" if raw.signed else "<u2", count=count)
+            values = np.fromfile(fp, dtype="<i2" if stored.signed else "<u2", count=count)
     except OSError:  # gone or unreadable since the header pass: pydicom's read names the problem
         return False
     if values.size != count:
         return False
-    if raw.bits_stored < 16:
-        unused = 16 - raw.bits_stored
-        values = (values << unused) >> unused if raw.signed else values & np.uint16((1 << raw.bits_stored) - 1)
-    np.add(values.reshape(header.rows, header.cols), np.float32(raw.intercept), out=out, dtype=np.float32)
+    if stored.bits < 16:
+        unused = 16 - stored.bits
+        values = (values << unused) >> unused if stored.signed else values & np.uint16((1 << stored.bits) - 1)
+    values = values.reshape(header.rows, header.cols)
+    if out.dtype == np.int16:
+        if not fits_int16(*stored.hu_range) and not fits_int16(
+            int(values.min()) + stored.intercept, int(values.max()) + stored.intercept
+        ):
+            return False
+        # int16 addition wraps modulo 2**16; every sum fits in int16 (checked above), so it is exact
+        np.add(values.view(np.int16), int16_wrapped(stored.intercept), out=out)
+    else:
+        np.add(values, np.float32(stored.intercept), out=out, dtype=np.float32)
     return True
 
 
@@ -555,17 +595,31 @@ def _xr_values(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, bool, b
     return shifted, float(high - low), voi_applied, inverted
 
 
-def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> None:
+def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> bool:
     """Write the stored values ``arr`` as Hounsfield units (modality LUT or rescale) into ``out``.
 
-    The usual CT rescale (slope 1, a whole-number intercept, integers of at most 16 bits) is one float32 addition,
-    exact for these values; anything else goes through pydicom's :func:`apply_modality_lut` (float64).
+    The usual CT rescale (slope 1, a whole-number intercept, integers of at most 16 bits) is one addition, exact
+    for these values; anything else goes through pydicom's :func:`apply_modality_lut` (float64). ``False``, with
+    ``out`` untouched, when ``out`` is int16 and a value is not a whole HU in its range (a decoder that gave more
+    bits than the header declared, say): the caller then stores the series as float32.
     """
     intercept = _plain_intercept(ds)
-    if intercept is not None and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
+    plain = intercept is not None and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2
+    if out.dtype == np.int16:
+        if not plain or not arr.size or not fits_int16(int(arr.min()) + intercept, int(arr.max()) + intercept):
+            return False
+        np.add(arr, np.int32(intercept), out=out, dtype=np.int32, casting="unsafe")  # exact: every sum fits
+    elif plain:
         np.add(arr, np.float32(intercept), out=out, dtype=np.float32)
     else:
         out[...] = apply_modality_lut(arr, ds)
+    return True
+
+
+def _volume_dtype(kind: str, series: list[_Header]) -> type[np.floating] | type[np.signedinteger]:
+    """int16 for a CT series whose every header declares the plain rescale of 16-bit stored values (whole HU:
+    :class:`_PlainStored`), float32 for anything else. Whether every value fits is checked as each slice is read."""
+    return np.int16 if kind == "CT" and all(h.stored is not None for h in series) else np.float32
 
 
 def _kind(modality: str, requested: str | None, where: str) -> str:
@@ -620,13 +674,17 @@ def read_dicom(
     geometry = _geometry(series, name, folder)
     notes.extend(geometry.warnings)
     first = geometry.order[0]
-    pixels = np.empty((len(geometry.order), first.rows, first.cols), dtype=np.float32)
+    pixels = np.empty((len(geometry.order), first.rows, first.cols), dtype=_volume_dtype(kind, geometry.order))
     voi_applied = inverted = False
     span = 0.0
     if any(h.transfer_syntax is not None and h.transfer_syntax.is_compressed for h in geometry.order):
         _decoder_threads()
+
+    def slot(k: int) -> np.ndarray:  # slice k of the volume, as stored (rows and columns in the file's order)
+        return pixels[k, :: -1 if geometry.flip_rows else 1, :: -1 if geometry.flip_cols else 1]
+
     for k, header in enumerate(geometry.order):
-        target = pixels[k, :: -1 if geometry.flip_rows else 1, :: -1 if geometry.flip_cols else 1]
+        target = slot(k)
         if kind == "CT" and _read_raw_ct(header, target):
             continue
         with _quiet():
@@ -648,7 +706,9 @@ def read_dicom(
                 )
             try:
                 if kind == "CT":
-                    _ct_values(arr, ds, target)
+                    if not _ct_values(arr, ds, target):  # not whole HU in int16's range: float32 from here on
+                        pixels = pixels.astype(np.float32)
+                        _ct_values(arr, ds, slot(k))
                 else:
                     values, span, voi_applied, inverted = _xr_values(arr, ds)
                     target[...] = values

@@ -8,10 +8,12 @@ used; the header's free-text fields (``descrip``, ``db_name``, ``aux_file``, ``i
 the Study.
 
 Most CT volumes are stored slice by slice along the patient's z axis (axial, possibly flipped in any axis): those
-are streamed (:func:`_read_streamed`), each slab of slices converted to float32 display order as it is
-decompressed, with ISA-L decompressing in a thread of its own, so that decompression and conversion overlap and
-the stored integers never exist as a whole volume. Any other layout (sagittal or coronal storage, NIfTI-2, complex
-or RGB voxels) goes through nibabel's reorientation (:func:`_read_image`).
+are streamed (:func:`_read_streamed`), each slab of slices converted to display order as it is decompressed, with
+ISA-L decompressing in a thread of its own, so that decompression and conversion overlap and the stored integers
+never exist as a whole volume. Integers with no scaling but a whole intercept (most CT volumes) are kept as int16
+Hounsfield units as long as every value fits (a slab with one that does not turns the volume into float32 as it is
+read); anything else is float32. Any other layout (sagittal or coronal storage, NIfTI-2, complex or RGB voxels)
+goes through nibabel's reorientation (:func:`_read_image`), as float32.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ except ImportError:  # optional: nibabel's and Python's zlib openers are used in
     igzip = igzip_threaded = None
 
 from lungsight.errors import InputError, UnsupportedInputError
-from lungsight.study import Study
+from lungsight.study import Study, fits_int16, int16_wrapped
 
 
 def to_display(volume: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -259,7 +261,8 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
         slope, inter = header.get_slope_inter()
         slope = 1.0 if slope is None else float(slope)
         inter = 0.0 if inter is None else float(inter)
-        pixels = np.empty((nk, nj, ni), np.float32)
+        whole = dtype.kind in "iu" and slope == 1.0 and inter.is_integer()  # int16 while every value fits
+        pixels = np.empty((nk, nj, ni), np.int16 if whole else np.float32)
         try:
             skip = int(header.get_data_offset()) - f.tell()
             if skip < 0:
@@ -278,8 +281,12 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
                 # display rows run posterior-to-anterior reversed (canonical j descending), columns canonical i
                 # descending, slices canonical k ascending (see to_display)
                 shown = raw[:, :: 1 if flip_j else -1, :: 1 if flip_i else -1]
+                if pixels.dtype == np.int16 and not fits_int16(int(raw.min()) + inter, int(raw.max()) + inter):
+                    pixels = pixels.astype(np.float32)  # the slabs read so far are whole: carried over exactly
                 target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
-                if wide and (slope != 1.0 or inter != 0.0):  # scaled before rounding to float32, as nibabel does
+                if pixels.dtype == np.int16:  # exact: every sum fits (checked above)
+                    np.add(shown, int16_wrapped(inter), out=target, casting="unsafe")
+                elif wide and (slope != 1.0 or inter != 0.0):  # scaled before rounding to float32, as nibabel does
                     np.copyto(target, shown * slope + inter, casting="unsafe")
                 else:
                     np.copyto(target, shown, casting="unsafe")

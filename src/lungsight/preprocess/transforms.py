@@ -9,9 +9,9 @@ from torchvision.transforms import v2
 
 
 def tensor_view(a: np.ndarray) -> torch.Tensor:
-    """``a`` as a float32 tensor that shares its memory where it can (a writeable, C-contiguous float32 array),
-    else a copy; callers only read it."""
-    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable:
+    """``a`` as a tensor that shares its memory where it can (a writeable, C-contiguous float32 or int16 array:
+    int16 is how readers store whole Hounsfield units), else a float32 copy; callers only read it."""
+    if a.dtype in (np.float32, np.int16) and a.flags.c_contiguous and a.flags.writeable:
         return torch.from_numpy(a)
     return torch.from_numpy(np.array(a, dtype=np.float32, order="C"))
 
@@ -63,14 +63,14 @@ def windowed_model_batch(
     """Stored values ``(N, H, W)`` (HU, grey levels) -> the normalised model input: the same as
     ``model_batch(to_unit(values, bounds=bounds), ...)`` up to float rounding (about 1e-6), in fewer passes.
 
-    The values are clipped to ``bounds`` (one pass at the stored size, on PyTorch's threads; ``values`` is never
-    written), resized, and only then scaled to [0, 1] and normalised, in one pass at the model's size: clipping
-    commutes with the window's increasing linear map, and the resize's weights are non-negative and sum to one, so
-    the result stays within the window.
+    The values are clipped to ``bounds`` (one pass at the stored size, on PyTorch's threads, which also turns
+    int16 HU into float32; ``values`` is never written), resized, and only then scaled to [0, 1] and normalised, in
+    one pass at the model's size: clipping commutes with the window's increasing linear map, and the resize's
+    weights are non-negative and sum to one, so the result stays within the window.
     """
     lo, hi = (float(b) for b in bounds)
     x = tensor_view(values)
-    x = _square((x[None] if x.ndim == 2 else x).clamp(lo, hi), size)
+    x = _square((x[None] if x.ndim == 2 else x).clamp(lo, hi).to(torch.float32), size)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     scale = 1.0 / (hi - lo)
