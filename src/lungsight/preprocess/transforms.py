@@ -63,14 +63,16 @@ def windowed_model_batch(
     """Stored values ``(N, H, W)`` (HU, grey levels) -> the normalised model input: the same as
     ``model_batch(to_unit(values, bounds=bounds), ...)`` up to float rounding (about 1e-6), in fewer passes.
 
-    The values are clipped to ``bounds`` (one pass at the stored size, on PyTorch's threads, which also turns
-    int16 HU into float32; ``values`` is never written), resized, and only then scaled to [0, 1] and normalised, in
+    The values are clipped to ``bounds`` (one pass at the stored size, on PyTorch's threads; int16 HU are turned
+    into float32 first; ``values`` is never written), resized, and only then scaled to [0, 1] and normalised, in
     one pass at the model's size: clipping commutes with the window's increasing linear map, and the resize's
     weights are non-negative and sum to one, so the result stays within the window.
     """
     lo, hi = (float(b) for b in bounds)
     x = tensor_view(values)
-    x = _square((x[None] if x.ndim == 2 else x).clamp(lo, hi).to(torch.float32), size)
+    x = x[None] if x.ndim == 2 else x
+    # int16 HU: converted, then clipped in place (twice as fast as clipping them to float bounds in one pass)
+    x = _square(x.clamp(lo, hi) if x.is_floating_point() else x.to(torch.float32).clamp_(lo, hi), size)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     scale = 1.0 / (hi - lo)
