@@ -774,3 +774,37 @@ def test_invalid_header_values_are_read_without_pydicoms_warnings(
         study = load_study(tmp_path)
     assert study.n_slices == 20
     assert not [w for w in caught if "x?" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "raw", [b" 2.50 ", b"-1024", b"1e2", b"7 ", b"40\\400", b"-125.5\\ -250 \\0", b"", b"1\x00", b"nan", b"1,5", b"  "]
+)
+def test_numbers_parsed_from_raw_bytes_are_pydicoms(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decimal and integer strings are parsed straight from their bytes (``_decimals``): every number the header
+    pass takes from them is the one it takes through pydicom's conversion, for padded, exponent, multi-valued,
+    empty, NUL-padded and unreadable text."""
+    import math
+
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    import lungsight.io.dicom as dicom
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return np.array_equal(a, b)
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+    for keyword, vr in (("SliceThickness", "DS"), ("InstanceNumber", "IS"), ("ImagePositionPatient", "DS")):
+        for stored_vr in (vr, None):  # explicit and implicit VR
+            ds = Dataset()
+            tag = Tag(tag_for_keyword(keyword))
+            ds[tag] = RawDataElement(tag, stored_vr, len(raw), raw, 0, stored_vr is None, True)
+            with dicom._quiet():
+                fast = (dicom._number(ds, keyword, -1.0), dicom._floats(ds, keyword, 3))
+                with monkeypatch.context() as m:
+                    m.setattr(dicom, "_decimals", lambda ds, keyword: None)
+                    slow = (dicom._number(ds, keyword, -1.0), dicom._floats(ds, keyword, 3))
+            assert all(same(a, b) for a, b in zip(fast, slow, strict=True)), (keyword, stored_vr, fast, slow)
