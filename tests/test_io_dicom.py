@@ -451,18 +451,31 @@ def test_uncompressed_slices_are_read_raw_and_match_pydicom(
         assert study.metadata == reference.metadata and study.spacing == reference.spacing
 
 
-@pytest.mark.parametrize(("signed", "stored"), [(False, 12), (True, 12), (True, 16), (False, 16), (True, 10)])
+@pytest.mark.parametrize(
+    ("signed", "stored", "intercept"),
+    [
+        (False, 12, -1024),
+        (True, 12, -1024),
+        (True, 16, -1024),
+        (False, 16, -1024),
+        (True, 10, -1024),
+        (False, 16, -32768),
+        (True, 16, 0),
+    ],
+)
 def test_raw_reading_masks_or_sign_extends_as_pydicom(
-    uncompressed_series: Path, tmp_path: Path, dicom_read, signed: bool, stored: int
+    uncompressed_series: Path, tmp_path: Path, dicom_read, signed: bool, stored: int, intercept: int
 ) -> None:
     """Garbage in the unused high bits: masked off for unsigned pixels, the sign extended from the highest
-    stored bit for signed ones, exactly as pydicom decodes them."""
+    stored bit for signed ones, exactly as pydicom decodes them. Into an int16 volume, stored values beyond
+    int16's range (16 unsigned bits) still give exact HU where the intercept brings them into it."""
     from lungsight.io.dicom import _read_header, _read_raw_ct
 
     ds = dicom_read(sorted(uncompressed_series.glob("*.dcm"))[0])
     values = np.random.default_rng(stored).integers(0, 2**16, (ds.Rows, ds.Columns)).astype(np.uint16)
     ds.PixelData = values.tobytes()
     ds.PixelRepresentation, ds.BitsStored, ds.HighBit = int(signed), stored, stored - 1
+    ds.RescaleIntercept = intercept
     path = tmp_path / "slice.dcm"
     ds.save_as(path)
     header = _read_header(path, str)
@@ -475,9 +488,29 @@ def test_raw_reading_masks_or_sign_extends_as_pydicom(
     # stored bits and the intercept of -1024 some values leave int16's range, and pydicom is left to read them
     whole = np.zeros((ds.Rows, ds.Columns), np.int16)
     fits = expected.min() >= -(2**15) and expected.max() < 2**15
-    assert fits == (stored < 16)
+    assert fits == (stored < 16 or intercept != -1024)
     assert _read_raw_ct(header, whole[:, ::-1]) == fits
     np.testing.assert_array_equal(whole[:, ::-1], expected if fits else 0)
+
+
+def test_an_intercept_beyond_int16_still_gives_exact_int16_hu(
+    uncompressed_series: Path, tmp_path: Path, dicom_read
+) -> None:
+    """Stored values of 40000-60000 with an intercept of -40000: neither fits in int16, their sums do, and the
+    int16 volume holds them exactly (int16 arithmetic wraps modulo 2**16, and so does the intercept)."""
+    from lungsight.io.dicom import _read_header, _read_raw_ct
+
+    ds = dicom_read(sorted(uncompressed_series.glob("*.dcm"))[0])
+    ds.PixelData = np.random.default_rng(1).integers(40_000, 60_000, (ds.Rows, ds.Columns)).astype("<u2").tobytes()
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit, ds.RescaleIntercept = 0, 16, 15, -40_000
+    path = tmp_path / "slice.dcm"
+    ds.save_as(path)
+    header = _read_header(path, str)
+    whole = np.zeros((ds.Rows, ds.Columns), np.int16)
+    assert header is not None and _read_raw_ct(header, whole)
+    expected = dicom_read(path).pixel_array.astype(np.float64) - 40_000
+    assert expected.min() >= 0 and expected.max() < 20_000
+    np.testing.assert_array_equal(whole, expected)
 
 
 def test_whole_hounsfield_units_are_stored_as_int16_only_where_every_value_fits(

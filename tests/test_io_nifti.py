@@ -275,6 +275,18 @@ def test_streamed_and_general_readers_agree_on_every_voxel_type_and_scaling(
             assert streamed.spacing == general.spacing
 
 
+def test_an_intercept_beyond_int16_still_gives_exact_int16_hu(tmp_path: Path) -> None:
+    """int32 voxels of 100000-120000 with scl_inter -100000: the streamed volume is int16 and exact."""
+    data = np.random.default_rng(2).integers(100_000, 120_000, (9, 8, 7)).astype(np.int32)
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.header.set_slope_inter(1.0, -100_000.0)
+    path = tmp_path / "v.nii.gz"
+    nib.save(image, path)
+    study = load_study(path)
+    assert study.pixels.dtype == np.int16
+    np.testing.assert_array_equal(np.sort(study.pixels, axis=None), np.sort(data - 100_000, axis=None))
+
+
 def test_a_scaling_that_overflows_is_reported_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 
