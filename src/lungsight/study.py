@@ -74,7 +74,7 @@ class Study:
             self.pixels = self.pixels[None]
         if self.pixels.ndim != 3:
             raise ValueError(f"Study.pixels must be (slices, rows, cols), got shape {self.pixels.shape}")
-        allowed = HU_DTYPES if self.intensity == "hu" else HU_DTYPES[:1]
+        allowed = HU_DTYPES if self.intensity == "hu" else (np.dtype(np.float32),)
         if self.pixels.dtype not in allowed:
             self.pixels = self.pixels.astype(np.float32)
         if not self.slice_labels:

@@ -315,7 +315,7 @@ def _plain_stored(ds: Dataset) -> _PlainStored | None:
 
 def _plain_intercept(ds: Dataset) -> float | None:
     """The intercept of the usual CT rescale (no modality LUT, slope 1, a whole intercept under 2**16 in size),
-    which turns 16-bit stored values into HU with one exact float32 addition; ``None`` for any other rescale."""
+    which turns 16-bit stored values into HU with one exact addition; ``None`` for any other rescale."""
     slope, intercept = _number(ds, "RescaleSlope"), _number(ds, "RescaleIntercept")
     if (
         _get(ds, "ModalityLUTSequence")  # empty: ignored, as pydicom's apply_modality_lut ignores it

@@ -263,6 +263,8 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
         inter = 0.0 if inter is None else float(inter)
         whole = dtype.kind in "iu" and slope == 1.0 and inter.is_integer()  # int16 while every value fits
         pixels = np.empty((nk, nj, ni), np.int16 if whole else np.float32)
+        # the stored type's own range may say so for every value, else each slab's minimum and maximum will
+        fits_by_type = whole and fits_int16(np.iinfo(dtype).min + inter, np.iinfo(dtype).max + inter)
         try:
             skip = int(header.get_data_offset()) - f.tell()
             if skip < 0:
@@ -281,7 +283,11 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
                 # display rows run posterior-to-anterior reversed (canonical j descending), columns canonical i
                 # descending, slices canonical k ascending (see to_display)
                 shown = raw[:, :: 1 if flip_j else -1, :: 1 if flip_i else -1]
-                if pixels.dtype == np.int16 and not fits_int16(int(raw.min()) + inter, int(raw.max()) + inter):
+                if (
+                    pixels.dtype == np.int16
+                    and not fits_by_type
+                    and not fits_int16(int(raw.min()) + inter, int(raw.max()) + inter)
+                ):
                     pixels = pixels.astype(np.float32)  # the slabs read so far are whole: carried over exactly
                 target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
                 if pixels.dtype == np.int16:  # exact: every sum fits (checked above)
