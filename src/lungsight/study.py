@@ -19,6 +19,11 @@ def fits_int16(low: float, high: float) -> bool:
     return bool(info.min <= low and high <= info.max)
 
 
+def sums_fit_int16(values: np.ndarray, offset: float) -> bool:
+    """Whether every one of the (non-empty) integer ``values`` plus ``offset`` fits in int16."""
+    return fits_int16(int(values.min()) + offset, int(values.max()) + offset)
+
+
 def int16_wrapped(value: float) -> np.int16:
     """The whole number ``value`` modulo 2**16, as int16. Added to integers in int16 arithmetic, which wraps modulo
     2**16 too, it gives every sum that fits in int16 exactly, whatever the size of ``value``."""

@@ -42,7 +42,7 @@ from pydicom.values import convert_value
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
-from lungsight.study import SeriesInfo, Study, fits_int16, int16_wrapped
+from lungsight.study import SeriesInfo, Study, fits_int16, int16_wrapped, sums_fit_int16
 
 logger = logging.getLogger("lungsight.io")
 
@@ -142,14 +142,15 @@ def _get(ds: Dataset, keyword: str, default: object = None) -> object:
     element = ds.get_item(tag, keep_deferred=True)
     if element is None:
         return default
-    if (
-        isinstance(element, RawDataElement)
-        and element.value is not None
-        and element.VR in (None, vr)
-        and vr in _PLAIN_VRS
-    ):
+    if vr in _PLAIN_VRS and _as_read(element, vr):
         return convert_value(vr, element)
     return ds.get(keyword, default)
+
+
+def _as_read(element: object, vr: str) -> bool:
+    """Whether ``element`` is still raw from the file, with a value, of its dictionary VR ``vr`` (or of none, in
+    implicit VR): the elements whose bytes the header pass converts without pydicom's dataset machinery."""
+    return isinstance(element, RawDataElement) and element.value is not None and element.VR in (None, vr)
 
 
 #: VRs of numbers written as text: decimal and integer strings.
@@ -163,12 +164,7 @@ def _decimals(ds: Dataset, keyword: str) -> list[float] | None:
     does not read (empty, padded with NUL): the caller then asks pydicom."""
     tag, vr = _tag_and_vr(keyword)
     element = ds.get_item(tag, keep_deferred=True)
-    if (
-        vr not in _NUMBER_STRING_VRS
-        or not isinstance(element, RawDataElement)
-        or not element.value
-        or element.VR not in (None, vr)
-    ):
+    if vr not in _NUMBER_STRING_VRS or not _as_read(element, vr) or not element.value:
         return None
     try:
         return [float(v) for v in element.value.split(b"\\")]
@@ -358,9 +354,7 @@ def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
         values = (values << unused) >> unused if stored.signed else values & np.uint16((1 << stored.bits) - 1)
     values = values.reshape(header.rows, header.cols)
     if out.dtype == np.int16:
-        if not fits_int16(*stored.hu_range) and not fits_int16(
-            int(values.min()) + stored.intercept, int(values.max()) + stored.intercept
-        ):
+        if not fits_int16(*stored.hu_range) and not sums_fit_int16(values, stored.intercept):
             return False
         # int16 addition wraps modulo 2**16; every sum fits in int16 (checked above), so it is exact
         np.add(values.view(np.int16), int16_wrapped(stored.intercept), out=out)
@@ -635,7 +629,7 @@ def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> bool:
     intercept = _plain_intercept(ds)
     plain = intercept is not None and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2
     if out.dtype == np.int16:
-        if not plain or not arr.size or not fits_int16(int(arr.min()) + intercept, int(arr.max()) + intercept):
+        if not plain or not arr.size or not sums_fit_int16(arr, intercept):
             return False
         np.add(arr, np.int32(intercept), out=out, dtype=np.int32, casting="unsafe")  # exact: every sum fits
     elif plain:

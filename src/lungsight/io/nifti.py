@@ -40,7 +40,7 @@ except ImportError:  # optional: nibabel's and Python's zlib openers are used in
     igzip = igzip_threaded = None
 
 from lungsight.errors import InputError, UnsupportedInputError
-from lungsight.study import Study, fits_int16, int16_wrapped
+from lungsight.study import Study, fits_int16, int16_wrapped, sums_fit_int16
 
 
 def to_display(volume: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -283,11 +283,7 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
                 # display rows run posterior-to-anterior reversed (canonical j descending), columns canonical i
                 # descending, slices canonical k ascending (see to_display)
                 shown = raw[:, :: 1 if flip_j else -1, :: 1 if flip_i else -1]
-                if (
-                    pixels.dtype == np.int16
-                    and not fits_by_type
-                    and not fits_int16(int(raw.min()) + inter, int(raw.max()) + inter)
-                ):
+                if pixels.dtype == np.int16 and not fits_by_type and not sums_fit_int16(raw, inter):
                     pixels = pixels.astype(np.float32)  # the slabs read so far are whole: carried over exactly
                 target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
                 if pixels.dtype == np.int16:  # exact: every sum fits (checked above)
