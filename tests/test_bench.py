@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lungsight.bench import paired_overhead, run_bench
+from lungsight.bench import median_interval, paired_overhead, run_bench
 
 
 def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -17,6 +17,8 @@ def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixtur
     assert f["best_full_over_forward"] > -1 and f["best_decision_over_forward"] > -1
     assert f["paired_full_over_forward"] > -1 and f["paired_decision_over_forward"] > -1
     assert "paired (median of each round's own ratio)" in printed
+    lo, hi = f["paired_full_interval"]
+    assert lo <= f["paired_full_over_forward"] <= hi and "interval of the paired figures" in printed
     assert "bare model forward" in printed and "best round" in printed and "full path" in printed
     # the stages of the full path, timed inside it, account for most of it and no more than all of it
     stages = f["stages_s"]
@@ -32,6 +34,21 @@ def test_paired_overhead_is_the_median_of_each_round_s_own_ratio() -> None:
     assert paired_overhead([1.2, 2.4, 1.1], [1.0, 2.0, 1.0]) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         paired_overhead([1.0], [1.0, 1.0])
+
+
+def test_median_interval_takes_the_order_statistics_that_cover_the_median() -> None:
+    # 7 rounds: P(Bin(7, 1/2) = 0) = 1/128, so the smallest and largest cover the median with 1 - 2/128
+    seven = [0.30, 0.10, 0.25, 0.18, 0.22, 0.09, 0.40]
+    assert median_interval(seven) == pytest.approx((0.09, 0.40, 1 - 2 / 128))
+    # 9 rounds: the 2nd smallest and 2nd largest, 1 - 2 (1 + 9) / 512; the 3rd would cover 1 - 2 (1 + 9 + 36) / 512
+    nine = [float(v) for v in range(9, 0, -1)]
+    assert median_interval(nine) == pytest.approx((2.0, 8.0, 1 - 20 / 512))
+    assert median_interval(nine, confidence=0.8) == pytest.approx((3.0, 7.0, 1 - 92 / 512))
+    # too few rounds for 95 %: the extremes, with the coverage they have
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == pytest.approx((1.0, 5.0, 1 - 2 / 32))
+    assert median_interval([2.0]) == pytest.approx((2.0, 2.0, 0.0))
+    with pytest.raises(ValueError):
+        median_interval([])
 
 
 def test_bench_reads_an_uncompressed_dicom_series_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
