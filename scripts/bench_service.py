@@ -29,11 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from lungsight.bench import resampled_nifti
+from lungsight.bench import nearest_slices, resampled_nifti
 
 SHARED = Path(os.environ.get("LUNGSIGHT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STAGES = ("upload", "read", "queued", "predict", "save")
@@ -48,7 +47,7 @@ def dicom_series_zip(src: Path, n_slices: int, out: Path, *, decompress: bool) -
     z0, z1 = float(slices[0].ImagePositionPatient[2]), float(slices[-1].ImagePositionPatient[2])
     series_uid = generate_uid()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-        for k, i in enumerate(np.round(np.linspace(0, len(slices) - 1, n_slices)).astype(int)):
+        for k, i in enumerate(nearest_slices(len(slices), n_slices)):
             ds = copy.deepcopy(slices[i])
             x, y, _ = ds.ImagePositionPatient
             ds.ImagePositionPatient = [x, y, z0 + k * (z1 - z0) / (n_slices - 1)]

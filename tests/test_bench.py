@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lungsight.bench import median_interval, paired_overhead, run_bench
+from lungsight.bench import median_interval, nearest_slices, paired_overhead, run_bench
 
 
 def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,6 +49,13 @@ def test_median_interval_takes_the_order_statistics_that_cover_the_median() -> N
     assert median_interval([2.0]) == pytest.approx((2.0, 2.0, 0.0))
     with pytest.raises(ValueError):
         median_interval([])
+
+
+def test_nearest_slices_keep_both_ends_and_the_order() -> None:
+    assert nearest_slices(5, 3).tolist() == [0, 2, 4]
+    assert nearest_slices(3, 5).tolist() == [0, 0, 1, 2, 2]  # 0, 0.5, 1, 1.5, 2 rounded half to even
+    up = nearest_slices(20, 100)
+    assert up[0] == 0 and up[-1] == 19 and (up[1:] >= up[:-1]).all() and set(up.tolist()) == set(range(20))
 
 
 def test_bench_reads_an_uncompressed_dicom_series_when_asked(capsys: pytest.CaptureFixture[str]) -> None:

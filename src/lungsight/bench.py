@@ -36,9 +36,14 @@ from lungsight.preprocess.window import to_unit
 from lungsight.study import Study
 
 
+def nearest_slices(n_total: int, n_slices: int) -> np.ndarray:
+    """Which of ``n_total`` slices make ``n_slices`` evenly spaced ones (nearest slice; repeats when upsampling)."""
+    return np.round(np.linspace(0, n_total - 1, n_slices)).astype(int)
+
+
 def _resampled(study: Study, n_slices: int) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The study's HU slices resampled to ``n_slices`` (nearest slice), and their spacing."""
-    idx = np.round(np.linspace(0, study.n_slices - 1, n_slices)).astype(int)
+    idx = nearest_slices(study.n_slices, n_slices)
     sp = study.spacing or (1.0, 1.0, 1.0)
     return study.pixels[idx], (sp[0] * study.n_slices / n_slices, sp[1], sp[2])
 
