@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lungsight.bench import median_interval, nearest_slices, paired_overhead, run_bench
+from lungsight.cli import main
 
 
 def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,10 +62,23 @@ def test_nearest_slices_keep_both_ends_and_the_order() -> None:
     assert up[0] == 0 and up[-1] == 19 and (up[1:] >= up[:-1]).all() and set(up.tolist()) == set(range(20))
 
 
-def test_bench_reads_an_uncompressed_dicom_series_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
-    f = run_bench(None, "ct-default", n_slices=12, repeats=1, threads=1, fmt="dicom")
-    assert f["format"] == "dicom" and f["slices"] == 12 and f["stages_s"]["read"] > 0
+def test_bench_reads_an_uncompressed_dicom_series_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the command line, with the figures and every round's times written to JSON: the paired figure and
+    its interval are those of the rounds in the file."""
+    out = tmp_path / "figures.json"
+    args = ["bench", "--slices", "12", "--repeats", "3", "--threads", "1", "--format", "dicom", "--json", str(out)]
+    assert main(args) == 0
     assert "as uncompressed DICOM" in capsys.readouterr().out
+    f = json.loads(out.read_text())
+    assert f["format"] == "dicom" and f["slices"] == 12 and f["stages_s"]["read"] > 0
+    rounds = f["rounds_s"]
+    assert all(len(rounds[k]) == 3 for k in ("read", "decision", "full", "forward", "forward_all", "stage_read"))
+    ratios = sorted(t / b - 1 for t, b in zip(rounds["full"], rounds["forward"], strict=True))
+    assert f["paired_full_over_forward"] == pytest.approx(ratios[1])
+    assert f["paired_full_interval"] == pytest.approx([ratios[0], ratios[2]])  # 3 rounds: the extremes, 75 %
+    assert f["paired_interval_coverage"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="unknown format"):
         run_bench(None, "ct-default", fmt="png")
 

@@ -210,6 +210,7 @@ def run_bench(
         "paired_interval_coverage": intervals["full"][2],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stages_s": {k: statistics.median(v) for k, v in stages.items()},
+        "rounds_s": runs | {f"stage_{k}": v for k, v in stages.items()},
     }
     print(
         f"model {model} ({det.config['arch']}, {det.config['input_size']} px), {figures['threads']} threads, "

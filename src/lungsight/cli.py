@@ -215,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         help="timed rounds after one warm-up (default 7: on a shared machine single rounds move by 10 points)",
     )
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file (every round's times in it)")
     p.add_argument(
         "--format",
         choices=("auto", "nifti", "dicom", "stored"),
@@ -567,7 +568,14 @@ def _models(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lungsight.bench import run_bench
 
-    run_bench(args.input, args.model, n_slices=args.slices, repeats=args.repeats, threads=args.threads, fmt=args.format)
+    figures = run_bench(
+        args.input, args.model, n_slices=args.slices, repeats=args.repeats, threads=args.threads, fmt=args.format
+    )
+    if args.json is not None:
+        from lungsight.fileio import atomic_write_json
+
+        atomic_write_json(args.json, figures)
+        print(f"figures written to {args.json}")
     return 0
 
 
