@@ -12,6 +12,8 @@ figure is given three ways: the ratio of the medians over the rounds; the best r
 path, as ``timeit`` advises: slower rounds are mostly other processes' doing, and the best is the same estimator
 for the pipeline and for the bare forward); and the paired one, the median over the rounds of each round's own
 ratio (a path and the bare forward timed seconds apart share that moment's load, so a slow spell moves both).
+The paired figure comes with a distribution-free interval (:func:`median_interval`), which shows how far the
+machine's noise leaves it in that run.
 """
 
 from __future__ import annotations
