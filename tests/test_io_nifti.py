@@ -287,6 +287,39 @@ def test_an_intercept_beyond_int16_still_gives_exact_int16_hu(tmp_path: Path) ->
     np.testing.assert_array_equal(np.sort(study.pixels, axis=None), np.sort(data - 100_000, axis=None))
 
 
+@pytest.mark.parametrize("dtype", ["u1", "i1", "<u2", ">u2", "i2", "u4", ">i4", "u8", "i8"])
+@pytest.mark.parametrize("offset", [-40_000.0, -1024.0, 0.0, 40_000.0])
+def test_whole_hu_are_added_exactly_in_every_integer_type(dtype: str, offset: float) -> None:
+    """``add_whole_hu``, which every reader uses to store int16 HU: each sum that fits in int16 is exact, from any
+    integer type and byte order, through a flipped view, with offsets beyond int16 (uint64 with a signed scalar
+    would otherwise be added in float64)."""
+    import warnings
+
+    from lungsight.study import add_whole_hu
+
+    info = np.iinfo(np.dtype(dtype))
+    low, high = max(info.min, -30_000 - int(offset)), min(info.max, 30_000 - int(offset))
+    if low > high:
+        pytest.skip(f"no {dtype} value plus {offset} fits in int16")
+    values = np.linspace(low, high, 48).round().astype(np.int64).astype(dtype).reshape(4, 12)[:, ::-1]
+    out = np.empty(values.shape, np.int16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cast on the way may warn
+        add_whole_hu(values, offset, out)
+    np.testing.assert_array_equal(out.astype(np.int64), values.astype(np.int64) + int(offset))
+
+
+def test_uint64_voxels_with_a_large_intercept_are_exact_int16(tmp_path: Path) -> None:
+    data = np.random.default_rng(4).integers(40_000, 60_000, (6, 5, 4)).astype(np.uint64)
+    image = nib.Nifti1Image(data, np.eye(4), dtype=np.uint64)
+    image.header.set_slope_inter(1.0, -40_000.0)
+    path = tmp_path / "v.nii.gz"
+    nib.save(image, path)
+    study = load_study(path)
+    assert study.pixels.dtype == np.int16
+    np.testing.assert_array_equal(np.sort(study.pixels, axis=None), np.sort(data.astype(np.int64) - 40_000, axis=None))
+
+
 def test_a_scaling_that_overflows_is_reported_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 

@@ -30,6 +30,17 @@ def int16_wrapped(value: float) -> np.int16:
     return np.int16((int(value) + 2**15) % 2**16 - 2**15)
 
 
+def add_whole_hu(values: np.ndarray, offset: float, out: np.ndarray) -> None:
+    """``out[...] = values + offset`` for integer ``values``, a whole ``offset`` and an int16 ``out``, in integer
+    arithmetic modulo 2**16 (:func:`int16_wrapped`): exact wherever the sum fits in int16, which the callers check
+    (:func:`sums_fit_int16`). Unsigned values of two bytes or more are read as the signed type of their size, the
+    same number modulo 2**16, so that no promotion reaches float64 (uint64 with a signed scalar would) and 16-bit
+    values add in int16 arithmetic."""
+    if values.dtype.kind == "u" and values.dtype.itemsize >= 2:
+        values = values.view(values.dtype.str.replace("u", "i"))
+    np.add(values, int16_wrapped(offset), out=out, casting="unsafe")
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
     """A series found next to the one that was loaded (only non-identifying fields)."""

@@ -42,7 +42,7 @@ from pydicom.values import convert_value
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError, UnsupportedInputError
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
-from lungsight.study import SeriesInfo, Study, fits_int16, int16_wrapped, sums_fit_int16
+from lungsight.study import SeriesInfo, Study, add_whole_hu, fits_int16, sums_fit_int16
 
 logger = logging.getLogger("lungsight.io")
 
@@ -356,8 +356,7 @@ def _read_raw_ct(header: _Header, out: np.ndarray) -> bool:
     if out.dtype == np.int16:
         if not fits_int16(*stored.hu_range) and not sums_fit_int16(values, stored.intercept):
             return False
-        # int16 addition wraps modulo 2**16; every sum fits in int16 (checked above), so it is exact
-        np.add(values.view(np.int16), int16_wrapped(stored.intercept), out=out)
+        add_whole_hu(values, stored.intercept, out)  # exact: every sum fits (checked above)
     else:
         np.add(values, np.float32(stored.intercept), out=out, dtype=np.float32)
     return True
@@ -631,7 +630,7 @@ def _ct_values(arr: np.ndarray, ds: Dataset, out: np.ndarray) -> bool:
     if out.dtype == np.int16:
         if not plain or not arr.size or not sums_fit_int16(arr, intercept):
             return False
-        np.add(arr, np.int32(intercept), out=out, dtype=np.int32, casting="unsafe")  # exact: every sum fits
+        add_whole_hu(arr, intercept, out)  # exact: every sum fits (checked above)
     elif plain:
         np.add(arr, np.float32(intercept), out=out, dtype=np.float32)
     else:

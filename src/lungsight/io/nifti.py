@@ -40,7 +40,7 @@ except ImportError:  # optional: nibabel's and Python's zlib openers are used in
     igzip = igzip_threaded = None
 
 from lungsight.errors import InputError, UnsupportedInputError
-from lungsight.study import Study, fits_int16, int16_wrapped, sums_fit_int16
+from lungsight.study import Study, add_whole_hu, fits_int16, sums_fit_int16
 
 
 def to_display(volume: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
@@ -287,7 +287,7 @@ def _read_streamed(path: Path, label: str, max_pixels: int) -> Study | None:
                     pixels = pixels.astype(np.float32)  # the slabs read so far are whole: carried over exactly
                 target = pixels[nk - k0 - n : nk - k0][::-1] if flip_k else pixels[k0 : k0 + n]
                 if pixels.dtype == np.int16:  # exact: every sum fits (checked above)
-                    np.add(shown, int16_wrapped(inter), out=target, casting="unsafe")
+                    add_whole_hu(shown, inter, target)
                 elif wide and (slope != 1.0 or inter != 0.0):  # scaled before rounding to float32, as nibabel does
                     np.copyto(target, shown * slope + inter, casting="unsafe")
                 else:
