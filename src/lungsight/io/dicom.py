@@ -163,8 +163,10 @@ def _decimals(ds: Dataset, keyword: str) -> list[float] | None:
     objects (which took about a sixth of the header pass). ``None`` for anything else, and for text ``float``
     does not read (empty, padded with NUL): the caller then asks pydicom."""
     tag, vr = _tag_and_vr(keyword)
+    if vr not in _NUMBER_STRING_VRS:  # known from the keyword: no lookup for the caller's _get to repeat
+        return None
     element = ds.get_item(tag, keep_deferred=True)
-    if vr not in _NUMBER_STRING_VRS or not _as_read(element, vr) or not element.value:
+    if not _as_read(element, vr) or not element.value:
         return None
     try:
         return [float(v) for v in element.value.split(b"\\")]
