@@ -106,9 +106,14 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
     }
 
 
+def round_overheads(path_s: list[float], forward_s: list[float]) -> list[float]:
+    """Each round's own ``path / forward - 1``."""
+    return [t / f - 1.0 for t, f in zip(path_s, forward_s, strict=True)]
+
+
 def paired_overhead(path_s: list[float], forward_s: list[float]) -> float:
     """The median over rounds of each round's ``path / forward - 1``."""
-    return statistics.median(t / f - 1.0 for t, f in zip(path_s, forward_s, strict=True))
+    return statistics.median(round_overheads(path_s, forward_s))
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -184,10 +189,7 @@ def run_bench(
     med = {k: statistics.median(v) for k, v in runs.items()}
     best = {k: min(v) for k, v in runs.items()}
     paired = {k: paired_overhead(runs[k], runs["forward"]) for k in ("decision", "full")}
-    intervals = {
-        k: median_interval([t / f - 1.0 for t, f in zip(runs[k], runs["forward"], strict=True)])
-        for k in ("decision", "full")
-    }
+    intervals = {k: median_interval(round_overheads(runs[k], runs["forward"])) for k in ("decision", "full")}
     kept = len(sel)
     figures = {
         "slices": n_slices,
