@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lungsight.bench import median_interval, nearest_slices, paired_overhead, run_bench
+from lungsight.bench import median_interval, nearest_slices, own_work, paired_overhead, run_bench
 from lungsight.cli import main
 
 
@@ -26,10 +26,23 @@ def test_bench_reports_median_and_best_round_ratios(capsys: pytest.CaptureFixtur
     assert "bare model forward" in printed and "best round" in printed and "full path" in printed
     # the stages of the full path, timed inside it, account for most of it and no more than all of it
     stages = f["stages_s"]
-    assert list(stages) == ["read", "select", "classify", "explain", "outputs"] and min(stages.values()) >= 0
-    assert stages["read"] > 0 and stages["classify"] > 0 and stages["outputs"] > 0
+    assert list(stages) == ["read", "select", "prepare", "classify", "explain", "outputs"]
+    assert min(stages.values()) >= 0 and stages["read"] > 0 and stages["prepare"] > 0 and stages["outputs"] > 0
     assert 0.5 * f["full_path_s"] < sum(stages.values()) < 1.2 * f["full_path_s"]
     assert "where the full path's time goes" in printed and "slice selection" in printed
+    # its own work is the full path less the network's passes in it: more than the stages around the network
+    # (the rules and the result are in it too), less than the whole path
+    around = sum(v for k, v in stages.items() if k != "classify")
+    assert 0.5 * around < f["work_s"] < f["full_path_s"]
+    lo, hi = f["paired_work_interval"]
+    assert lo <= f["paired_work_over_forward"] <= hi and f["paired_network_over_forward"] > 0
+    assert "its own work, timed inside it" in printed and "its network passes took" in printed
+
+
+def test_own_work_is_the_path_less_its_network_passes() -> None:
+    assert own_work([1.2, 1.0], [1.0, 0.9]) == pytest.approx([0.2, 0.1])
+    with pytest.raises(ValueError):
+        own_work([1.0], [1.0, 1.0])
 
 
 def test_paired_overhead_is_the_median_of_each_round_s_own_ratio() -> None:
@@ -79,6 +92,13 @@ def test_bench_reads_an_uncompressed_dicom_series_when_asked(
     assert f["paired_full_over_forward"] == pytest.approx(ratios[1])
     assert f["paired_full_interval"] == pytest.approx([ratios[0], ratios[2]])  # 3 rounds: the extremes, 75 %
     assert f["paired_interval_coverage"] == pytest.approx(0.75)
+    # the full path's share is its own work's share plus how far its network passes differ from the bare forward
+    network_s, forward_s = rounds["stage_classify"], rounds["forward"]
+    work = sorted((t - n) / b for t, n, b in zip(rounds["full"], network_s, forward_s, strict=True))
+    network = sorted(n / b for n, b in zip(network_s, forward_s, strict=True))
+    assert f["paired_work_over_forward"] == pytest.approx(work[1])
+    assert f["paired_network_over_forward"] == pytest.approx(network[1])
+    assert f["paired_network_interval"] == pytest.approx([network[0], network[2]])
     with pytest.raises(ValueError, match="unknown format"):
         run_bench(None, "ct-default", fmt="png")
 

@@ -58,6 +58,29 @@ def test_without_a_spare_core_the_batches_are_prepared_in_turn():
     assert all(name.startswith("lungsight-prep") for name in threads)
 
 
+def test_the_time_spent_waiting_for_prepared_batches_is_added_up():
+    """What ``predict`` reports as ``prepare``: the caller's waits for each batch, not the time it spends on them."""
+    from lungsight.inference.detector import _Waited
+
+    def prepare(chunk: int) -> int:
+        time.sleep(0.02)
+        return chunk
+
+    for ahead in (False, True):
+        waited = _Waited(_prefetched(prepare, [0, 1, 2], ahead=ahead))
+        used = 0.0
+        for chunk, value in waited:
+            assert chunk == value
+            t = time.perf_counter()
+            time.sleep(0.03)  # the caller's own work on the batch is not waiting
+            used += time.perf_counter() - t
+        assert len(list(waited)) == 0  # exhausted
+        if ahead:  # the first batch is waited for whole; the next ones were prepared during the caller's work
+            assert 0.02 <= waited.seconds < used
+        else:  # every batch is prepared in turn, in the caller's thread
+            assert waited.seconds >= 0.06
+
+
 def test_spare_core_compares_torch_threads_with_the_usable_cores(monkeypatch):
     import torch
 

@@ -14,6 +14,11 @@ for the pipeline and for the bare forward); and the paired one, the median over 
 ratio (a path and the bare forward timed seconds apart share that moment's load, so a slow spell moves both).
 The paired figure comes with a distribution-free interval (:func:`median_interval`), which shows how far the
 machine's noise leaves it in that run.
+
+The full path's share splits in two: ``full / forward - 1 = work / forward + (network / forward - 1)``, where
+``network`` is the network's passes timed inside the path and ``work`` the rest of it (:func:`own_work`). The first
+term is the path's own cost; the second is the difference between two timings of the same network, which is the
+machine's noise unless the path slows the network's passes down. Both are printed, paired, with their intervals.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ def _timed(fn, *args, **kwargs):
 STAGES = {
     "read": "read",
     "select": "slice selection",
-    "classify": "windowing, resizing, forward and Grad-CAM's backward",
+    "prepare": "windowing and resizing",
+    "classify": "the network's passes (forward and Grad-CAM's backward)",
     "explain": "top-k maps",
     "outputs": "outputs",
 }
@@ -100,6 +106,7 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
     return {
         "read": t_read,
         "select": t["preprocess"],
+        "prepare": t["prepare"],
         "classify": t["inference"],
         "explain": t["explain"],
         "outputs": t_out,
@@ -109,6 +116,12 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
 def round_overheads(path_s: list[float], forward_s: list[float]) -> list[float]:
     """Each round's own ``path / forward - 1``."""
     return [t / f - 1.0 for t, f in zip(path_s, forward_s, strict=True)]
+
+
+def own_work(full_s: list[float], network_s: list[float]) -> list[float]:
+    """Each round's full path less the network's passes timed inside it: the path's own work (reading, selection,
+    preparing the batches, the rules, the maps and the outputs)."""
+    return [t - n for t, n in zip(full_s, network_s, strict=True)]
 
 
 def paired_overhead(path_s: list[float], forward_s: list[float]) -> float:
@@ -190,6 +203,11 @@ def run_bench(
     best = {k: min(v) for k, v in runs.items()}
     paired = {k: paired_overhead(runs[k], runs["forward"]) for k in ("decision", "full")}
     intervals = {k: median_interval(round_overheads(runs[k], runs["forward"])) for k in ("decision", "full")}
+    # full / forward - 1 = work / forward + (network / forward - 1): the path's own work, and how far the network's
+    # passes inside the path differ from the bare forward timed right after (noise, or the path slowing them)
+    work = own_work(runs["full"], stages["classify"])
+    work_shares = [w / f for w, f in zip(work, runs["forward"], strict=True)]
+    network_ratios = [n / f for n, f in zip(stages["classify"], runs["forward"], strict=True)]
     kept = len(sel)
     figures = {
         "slices": n_slices,
@@ -212,6 +230,11 @@ def run_bench(
         "paired_decision_interval": list(intervals["decision"][:2]),
         "paired_full_interval": list(intervals["full"][:2]),
         "paired_interval_coverage": intervals["full"][2],
+        "work_s": statistics.median(work),
+        "paired_work_over_forward": statistics.median(work_shares),
+        "paired_work_interval": list(median_interval(work_shares)[:2]),
+        "paired_network_over_forward": statistics.median(network_ratios),
+        "paired_network_interval": list(median_interval(network_ratios)[:2]),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stages_s": {k: statistics.median(v) for k, v in stages.items()},
         "rounds_s": runs | {f"stage_{k}": v for k, v in stages.items()},
@@ -244,6 +267,13 @@ def run_bench(
     print(
         f"  {100 * cover:.0f} % interval of the paired figures (the rounds' order statistics): decision path "
         f"{100 * d_lo:.0f} to {100 * d_hi:.0f} %, full path {100 * f_lo:.0f} to {100 * f_hi:.0f} % over"
+    )
+    (w_lo, w_hi), (n_lo, n_hi) = figures["paired_work_interval"], figures["paired_network_interval"]
+    print(
+        f"  the full path less its network passes (its own work, timed inside it): {figures['work_s']:.3f} s = "
+        f"{100 * figures['paired_work_over_forward']:.0f} % of the bare forward (paired; interval {100 * w_lo:.0f} "
+        f"to {100 * w_hi:.0f} %); its network passes took {figures['paired_network_over_forward']:.2f} x the bare "
+        f"forward (paired; interval {n_lo:.2f} to {n_hi:.2f})"
     )
     parts = ", ".join(f"{STAGES[k]} {v:.3f} s" for k, v in figures["stages_s"].items())
     print(f"  where the full path's time goes (medians): {parts}")

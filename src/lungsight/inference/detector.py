@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +98,25 @@ def _prefetched(prepare: Callable[[T], Any], chunks: Sequence[T], ahead: bool = 
             if k + 1 < len(chunks):
                 pending = pool.submit(prepare, chunks[k + 1])
             yield chunk, ready
+
+
+class _Waited(Generic[T]):
+    """Iterates over ``items``, adding up in ``seconds`` the time spent waiting for each next item: for
+    :func:`_prefetched`, the time the caller spent preparing batches or waiting for the worker that prepares them."""
+
+    def __init__(self, items: Iterator[T]) -> None:
+        self._items = items
+        self.seconds = 0.0
+
+    def __next__(self) -> T:
+        t = time.perf_counter()
+        try:
+            return next(self._items)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def __iter__(self) -> _Waited[T]:
+        return self
 
 
 def _rows(pixels: np.ndarray, idx: list[int]) -> np.ndarray:
@@ -216,8 +235,9 @@ class Detector:
 
         explaining = explain and top_k > 0
         raw_maps: dict[int, torch.Tensor] = {}  # slice -> its raw Grad-CAM map, from the classifying pass
+        prepared = _Waited(_prefetched(prepare, batches, ahead=spare_core()))
         with GradCAM(self.model, self.model.cam_layer) if explaining else contextlib.nullcontext() as cam:
-            for idx, x in _prefetched(prepare, batches, ahead=spare_core()):
+            for idx, x in prepared:
                 if cam is None:
                     probs[idx] = self._softmax(x)
                     continue
@@ -226,7 +246,7 @@ class Detector:
                 logits, raw = cam.logits_and_maps(x, self.positive)
                 probs[idx] = torch.softmax(logits, dim=1).numpy()
                 raw_maps.update(zip(idx, raw, strict=True))
-        t_inf = time.perf_counter() - t1
+        t_inf = time.perf_counter() - t1 - prepared.seconds
         p_pos = probs[kept, self.positive]
         kw = {
             "slice_threshold": self.config.get("slice_threshold", 0.5),
@@ -285,6 +305,7 @@ class Detector:
             "overlays": [],
             "timings_s": {
                 "preprocess": t_pre,
+                "prepare": prepared.seconds,
                 "inference": t_inf,
                 "explain": t_exp,
                 "total": time.perf_counter() - t0,
