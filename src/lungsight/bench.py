@@ -113,9 +113,14 @@ def _full_path(det: Detector, path: Path, out: Path) -> dict[str, float]:
     }
 
 
+def round_ratios(path_s: list[float], forward_s: list[float]) -> list[float]:
+    """Each round's own ``path / forward``."""
+    return [t / f for t, f in zip(path_s, forward_s, strict=True)]
+
+
 def round_overheads(path_s: list[float], forward_s: list[float]) -> list[float]:
     """Each round's own ``path / forward - 1``."""
-    return [t / f - 1.0 for t, f in zip(path_s, forward_s, strict=True)]
+    return [r - 1.0 for r in round_ratios(path_s, forward_s)]
 
 
 def own_work(full_s: list[float], network_s: list[float]) -> list[float]:
@@ -206,8 +211,8 @@ def run_bench(
     # full / forward - 1 = work / forward + (network / forward - 1): the path's own work, and how far the network's
     # passes inside the path differ from the bare forward timed right after (noise, or the path slowing them)
     work = own_work(runs["full"], stages["classify"])
-    work_shares = [w / f for w, f in zip(work, runs["forward"], strict=True)]
-    network_ratios = [n / f for n, f in zip(stages["classify"], runs["forward"], strict=True)]
+    work_shares = round_ratios(work, runs["forward"])
+    network_ratios = round_ratios(stages["classify"], runs["forward"])
     kept = len(sel)
     figures = {
         "slices": n_slices,
