@@ -156,6 +156,48 @@ def _weighted_metrics(
     return out
 
 
+def check_bootstrap(n_boot: int, alpha: float) -> None:
+    """Refuse a bootstrap of no resample or an interval level outside (0, 1)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+
+
+def resample_units(groups: ArrayLike | None, n: int) -> tuple[np.ndarray, int]:
+    """(unit of each of the ``n`` rows, number of units): a bootstrap resamples whole groups (patients) when
+    ``groups`` (one id per row) is given, else single rows."""
+    if groups is None:
+        return np.arange(n), n
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},) like y_true, got {g.shape}")
+    _, unit_of_row = np.unique(g, return_inverse=True)
+    return unit_of_row, int(unit_of_row.max()) + 1
+
+
+def resample_weights(unit_of_row: np.ndarray, n_units: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The bootstrap's resamples as row weights, in chunks of shape ``(k, rows)``: each resample draws
+    ``n_units`` units with replacement, and every row weighs as often as its unit was drawn (a unit drawn twice
+    brings all its rows twice). Chunks keep the weight matrices near ``_BOOT_CHUNK_ELEMENTS`` values."""
+    rng = np.random.default_rng(seed)
+    unit_p = np.full(n_units, 1.0 / n_units)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(unit_of_row.size, n_units))
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        yield rng.multinomial(n_units, unit_p, size=size).astype(float)[:, unit_of_row]
+
+
+def percentile_interval(values: np.ndarray, alpha: float) -> tuple[list[float] | None, int]:
+    """The ``1 - alpha`` percentile interval of a bootstrap's values, NaN (undefined) resamples left out, and how
+    many resamples it used; ``None`` when none was defined."""
+    v = values[~np.isnan(values)]
+    if not v.size:
+        return None, 0
+    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return [float(lo), float(hi)], int(v.size)
+
+
 def bootstrap_ci(
     y_true: ArrayLike,
     y_score: ArrayLike,
@@ -175,51 +217,26 @@ def bootstrap_ci(
     plus ``n_boot_used`` (``{metric: resamples used}``), ``n_boot``, ``alpha`` and ``resample_unit``
     (``"group"`` or ``"row"``).
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    check_bootstrap(n_boot, alpha)
     y = _binary_labels(y_true)
     s = _scores(y_score, y.size)
     pred = _predictions(s, threshold, y_pred)
-    n = y.size
-
-    if groups is not None:
-        g = np.asarray(groups)
-        if g.shape != (n,):
-            raise ValueError(f"groups must have shape ({n},) like y_true, got {g.shape}")
-        _, group_of_row = np.unique(g, return_inverse=True)
-        n_units = int(group_of_row.max()) + 1
-    else:
-        group_of_row = np.arange(n)
-        n_units = n
+    unit_of_row, n_units = resample_units(groups, y.size)
 
     order = np.argsort(s, kind="stable")
-    y, pred, group_of_row = y[order], pred[order], group_of_row[order]
+    y, pred, unit_of_row = y[order], pred[order], unit_of_row[order]
     tie_start, tie_end = _tie_bounds(s[order])
 
-    rng = np.random.default_rng(seed)
-    unit_p = np.full(n_units, 1.0 / n_units)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_units))
     collected: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        unit_counts = rng.multinomial(n_units, unit_p, size=size).astype(float)
-        values = _weighted_metrics(unit_counts[:, group_of_row], y, pred, tie_start, tie_end)
+    for weights in resample_weights(unit_of_row, n_units, n_boot, seed):
+        values = _weighted_metrics(weights, y, pred, tie_start, tie_end)
         for m in METRICS:
             collected[m].append(values[m])
 
     result: dict[str, Any] = {}
     used: dict[str, int] = {}
     for m in METRICS:
-        v = np.concatenate(collected[m])
-        v = v[~np.isnan(v)]
-        used[m] = int(v.size)
-        if v.size:
-            lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-            result[m] = [float(lo), float(hi)]
-        else:
-            result[m] = None
+        result[m], used[m] = percentile_interval(np.concatenate(collected[m]), alpha)
     result["n_boot_used"] = used
     result["n_boot"] = int(n_boot)
     result["alpha"] = float(alpha)

@@ -21,11 +21,14 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from lungsight.errors import InputError
 from lungsight.evaluate.metrics import (
-    _BOOT_CHUNK_ELEMENTS,
     _fmt,
     _tie_bounds,
     _weighted_metrics,
+    check_bootstrap,
     fold_table_markdown,
+    percentile_interval,
+    resample_units,
+    resample_weights,
     summarize_folds,
 )
 from lungsight.evaluate.plots import plot_confusion, plot_embedding, plot_multiclass_roc
@@ -203,14 +206,6 @@ def _weighted_multiclass(
     return overall, per_class
 
 
-def _interval(values: np.ndarray, alpha: float) -> tuple[list[float] | None, int]:
-    v = values[~np.isnan(values)]
-    if not v.size:
-        return None, 0
-    lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return [float(lo), float(hi)], int(v.size)
-
-
 def multiclass_bootstrap_ci(
     y_true: ArrayLike,
     probs: ArrayLike,
@@ -234,32 +229,16 @@ def multiclass_bootstrap_ci(
     unknown = [k for k in keys if k not in OVERALL_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(OVERALL_METRICS)}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    check_bootstrap(n_boot, alpha)
     y, p = check_inputs(y_true, probs, classes)
     names = [str(c) for c in classes]
-    n = y.size
-    if groups is not None:
-        g = np.asarray(groups)
-        if g.shape != (n,):
-            raise ValueError(f"groups must have shape ({n},) like y_true, got {g.shape}")
-        _, group_of_row = np.unique(g, return_inverse=True)
-        n_units = int(group_of_row.max()) + 1
-    else:
-        group_of_row, n_units = np.arange(n), n
+    unit_of_row, n_units = resample_units(groups, y.size)
 
     views = _sorted_views(y, p)
     correct = (p.argmax(axis=1) == y).astype(float)
-    rng = np.random.default_rng(seed)
-    unit_p = np.full(n_units, 1.0 / n_units)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_units))
     overall: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     per_class: list[dict[str, list[np.ndarray]]] = [{m: [] for m in CLASS_METRICS} for _ in names]
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        weights = rng.multinomial(n_units, unit_p, size=size).astype(float)[:, group_of_row]
+    for weights in resample_weights(unit_of_row, n_units, n_boot, seed):
         o, pc = _weighted_multiclass(weights, correct, views)
         for k in keys:
             overall[k].append(o[k])
@@ -270,10 +249,10 @@ def multiclass_bootstrap_ci(
     result: dict[str, Any] = {}
     used: dict[str, Any] = {}
     for k in keys:
-        result[k], used[k] = _interval(np.concatenate(overall[k]), alpha)
+        result[k], used[k] = percentile_interval(np.concatenate(overall[k]), alpha)
     result["per_class"], used["per_class"] = {}, {}
     for name, store in zip(names, per_class, strict=True):
-        pairs = {m: _interval(np.concatenate(store[m]), alpha) for m in CLASS_METRICS}
+        pairs = {m: percentile_interval(np.concatenate(store[m]), alpha) for m in CLASS_METRICS}
         result["per_class"][name] = {m: ci for m, (ci, _) in pairs.items()}
         used["per_class"][name] = {m: u for m, (_, u) in pairs.items()}
     result["n_boot_used"] = used
