@@ -139,6 +139,13 @@ def test_named_models_are_verified_imported_and_downloaded(tmp_path, monkeypatch
     with pytest.raises(ModelError, match="does not match"):
         pt.load_model("bad")
     assert not (tmp_path / "home" / "models" / "bad.safetensors").exists()
+    # an entry without a recorded SHA-256 (a hand-edited index) is refused, present file or not
+    index_path = tmp_path / "home" / "models" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["unchecked"] = {"file": entry.path.name}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="records no SHA-256"):
+        pt.load_model("unchecked")
 
 
 def test_import_refuses_a_file_that_is_not_a_lungsight_model(tmp_path, monkeypatch):

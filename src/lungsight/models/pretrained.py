@@ -76,7 +76,7 @@ def _download(entry: ModelEntry) -> None:
                 f"model {entry.name!r}: download failed ({exc}); this machine may be offline - fetch "
                 f"the file elsewhere and add it with 'lungsight models import {entry.name} FILE'"
             ) from exc
-        if entry.sha256 and sha256_file(tmp) != entry.sha256:
+        if sha256_file(tmp) != entry.sha256:
             raise ModelError(f"model {entry.name!r}: downloaded file does not match the recorded SHA-256")
 
     atomic_write(entry.path, fetch)
@@ -96,9 +96,14 @@ def resolve(name_or_path: str | Path) -> ModelEntry:
             "(or pass the path of a .safetensors model file)"
         )
     entry = found[str(name_or_path)]
+    if not entry.sha256:  # a hand-edited index: nothing to check the file against, so it is not loaded
+        raise ModelError(
+            f"model {entry.name!r}: its index entry records no SHA-256, so the file cannot be verified; "
+            f"add it with 'lungsight models import {entry.name} FILE', which records one"
+        )
     if not entry.path.is_file():
         _download(entry)
-    if entry.sha256 and sha256_file(entry.path) != entry.sha256:
+    if sha256_file(entry.path) != entry.sha256:
         raise ModelError(
             f"model {entry.name!r}: {entry.path} does not match its recorded SHA-256; "
             "the file is damaged or was replaced - reinstall or re-import it"
