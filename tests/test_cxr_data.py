@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from lungsight.errors import InputError
+from lungsight.io.contract import view_kind
 from lungsight.train.cxr_data import (
     CXR_CLASSES,
     explain_finding,
     map_finding,
     read_cxr_datasets,
     read_cxr_folder,
-    view_kind,
 )
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "xray-data.md"
@@ -122,6 +122,10 @@ def test_reasons_say_why() -> None:
         ("L", "lateral"),
         ("LL", "lateral"),
         ("Lateral", "lateral"),
+        ("rl", "lateral"),
+        ("LLO", "oblique"),
+        ("Oblique", "oblique"),
+        ("PAX", None),
         ("Axial", None),
         ("Coronal", None),
         ("", None),

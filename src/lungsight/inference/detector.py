@@ -25,6 +25,7 @@ from lungsight.cores import spare_core
 from lungsight.errors import InputContractError
 from lungsight.explain.gradcam import GradCAM, finish_maps
 from lungsight.inference.rules import RULES, apply_all_rules
+from lungsight.io.contract import view_kind, view_position
 from lungsight.models.pretrained import ModelEntry, load_model
 from lungsight.preprocess.selection import SliceSelection, select_slices
 from lungsight.preprocess.transforms import model_batch, unfit_square, windowed_model_batch
@@ -146,6 +147,12 @@ class Detector:
         model, config, entry = load_model(name_or_path)
         return cls(model, config, entry)
 
+    @property
+    def window(self) -> tuple[float, float]:
+        """The (low, high) HU this model's CT slices are windowed to: its config's, else the lung window."""
+        lo, hi = self.config.get("window", LUNG_WINDOW)
+        return float(lo), float(hi)
+
     def inputs(self, unit: np.ndarray) -> torch.Tensor:
         """Grey slices in [0, 1] ``(N, H, W)`` -> the normalised tensor this model was trained on."""
         c = self.config
@@ -207,8 +214,8 @@ class Detector:
 
             return predict_xray(self, study, explain=explain)
         if study.modality != "CT":
-            view = str(study.metadata.get("ViewPosition", "")).upper()
-            kind = "a lateral X-ray" if view in ("LL", "RL", "LAT", "LATERAL") else "an X-ray"
+            view = view_position(study.metadata.get("ViewPosition"))
+            kind = {"lateral": "a lateral X-ray", "oblique": "an oblique X-ray"}.get(view_kind(view) or "", "an X-ray")
             raise InputContractError(
                 f"this study is {kind} (modality {study.modality}"
                 f"{', view ' + view if view else ''}); the CT model "
@@ -218,7 +225,7 @@ class Detector:
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
         t0 = time.perf_counter()
-        window = tuple(self.config.get("window", LUNG_WINDOW))
+        window = self.window
         bounds = unit_bounds(study.pixels, study.intensity, window)  # the whole study's, for every batch
         if select:
             selection = select_slices(study.pixels, study.intensity, spacing=study.spacing)

@@ -89,7 +89,7 @@ def check_ct_contract(study: Study, source: str) -> None:
     elif study.intensity == "grey16":
         _warn(
             study,
-            "raw 16-bit values are scaled by their own minimum and maximum; contrast may differ from "
+            "raw 16-bit values are scaled between their own 0.5th and 99.5th percentiles; contrast may differ from "
             "the 8-bit images the model was trained on",
         )
 
@@ -99,6 +99,26 @@ LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "L"})
 #: ... of an oblique one (also refused: neither frontal nor what the model was trained on).
 OBLIQUE_VIEW_POSITIONS = frozenset({"LLO", "RLO", "OBLIQUE"})
 _FRONTAL_VIEW_POSITION = re.compile(r"^(PA|AP)\b")
+
+
+def view_position(text: object) -> str:
+    """A ViewPosition (or a data set's view column) as compared here: upper case, spaces collapsed, at most 16
+    characters (the length DICOM allows a code string)."""
+    return " ".join(str(text or "").upper().split())[:16]
+
+
+def view_kind(view: object) -> str | None:
+    """``"frontal"`` (PA, AP, AP Supine, AP Erect ...), ``"lateral"`` (L, LL, RL, Lat, Lateral), ``"oblique"``
+    (LLO, RLO, Oblique) or ``None`` (anything else, or nothing) for a ViewPosition or a data set's view text, in
+    any case and spacing. The one rule for every reader, the contract check and the X-ray data tables."""
+    position = view_position(view)
+    if position in LATERAL_VIEW_POSITIONS:
+        return "lateral"
+    if position in OBLIQUE_VIEW_POSITIONS:
+        return "oblique"
+    return "frontal" if _FRONTAL_VIEW_POSITION.match(position) else None
+
+
 #: The view classifier's probability of "CT slice" from which an image given as an X-ray is refused.
 CT_REFUSE_P = 0.9
 _ONLY_FRONTAL = "only frontal (PA/AP) views can be classified"
@@ -139,16 +159,14 @@ def check_xr_contract(study: Study, source: str) -> ViewResult:
         )
     from lungsight.inference.view import ViewResult, classify_view
 
-    position = " ".join(str(study.metadata.get("ViewPosition") or "").upper().split())[:16]
-    if position in LATERAL_VIEW_POSITIONS:
+    position = view_position(study.metadata.get("ViewPosition"))
+    kind = view_kind(position)
+    if kind in ("lateral", "oblique"):
         raise InputContractError(
-            f"{_where(source)}this is a lateral chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
+            f"{_where(source)}this is {'a lateral' if kind == 'lateral' else 'an oblique'} chest X-ray "
+            f"(view {position} from the DICOM header); {_ONLY_FRONTAL}"
         )
-    if position in OBLIQUE_VIEW_POSITIONS:
-        raise InputContractError(
-            f"{_where(source)}this is an oblique chest X-ray (view {position} from the DICOM header); {_ONLY_FRONTAL}"
-        )
-    if _FRONTAL_VIEW_POSITION.match(position):
+    if kind == "frontal":
         return ViewResult("frontal", {}, "metadata", f"ViewPosition {position} in the DICOM header")
 
     view = classify_view(image01)

@@ -41,6 +41,7 @@ from pydicom.values import convert_value
 
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.io.contract import view_kind
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
 from lungsight.study import SeriesInfo, Study, add_whole_hu, fits_int16, sums_fit_int16
 
@@ -461,7 +462,7 @@ def _choose(groups: dict[str, list[_Header]], wanted: str | None, folder: str) -
         # lateral series, say) a frontal view first.
         headers = groups[uid]
         axial_ct = headers[0].modality == "CT" and _orientation(headers[0].iop) == "axial"
-        frontal = headers[0].view.startswith(("PA", "AP"))
+        frontal = view_kind(headers[0].view) == "frontal"
         return (axial_ct, frontal, sum(h.frames for h in headers), series_id(uid))
 
     return max(groups, key=rank)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lungsight.errors import InputError
+from lungsight.io.contract import view_kind
 from lungsight.io.images import natural_key
 
 #: Class order used by models: the positive class ("covid") last, as for the CT models.
@@ -74,10 +75,6 @@ _ARDS_REASON = (
     "(sepsis, trauma, aspiration, COVID-19 itself), so without a named cause it is neither covid nor another "
     "pneumonia"
 )
-
-#: How the ``view`` column names frontal and lateral projections (compared in lower case, spaces collapsed).
-LATERAL_VIEWS = frozenset({"l", "ll", "rl", "lat", "lateral"})
-_FRONTAL_VIEW = re.compile(r"^(pa|ap)\b")
 
 
 def _normal_form(text: str) -> str:
@@ -134,14 +131,6 @@ def map_finding(finding: str, source: str = "") -> str | None:
     See :func:`explain_finding` for the rules and ``docs/xray-data.md`` for the table.
     """
     return explain_finding(finding, source)[0]
-
-
-def view_kind(view: str) -> str | None:
-    """``"frontal"`` (PA, AP, AP Supine, AP Erect ...), ``"lateral"`` (L, LL, RL, Lateral) or ``None`` (other)."""
-    text = _normal_form(view)
-    if text in LATERAL_VIEWS:
-        return "lateral"
-    return "frontal" if _FRONTAL_VIEW.match(text) else None
 
 
 def sensor_hint(file_name: str) -> str:
@@ -242,8 +231,8 @@ def read_cxr_folder(root: Path, source: str | None = None) -> tuple[list[CxrReco
             left_out.append((file, f"image file not found in {table.image_dir}"))
         elif modality not in ("", "x-ray", "xray", "cr", "dx", "xr"):
             left_out.append((file, f"modality {row['modality']!r} is not an X-ray"))
-        elif view and view_kind(view) != "frontal":
-            what = "a lateral view" if view_kind(view) == "lateral" else "not a frontal view"
+        elif view and (kind := view_kind(view)) != "frontal":
+            what = {"lateral": "a lateral view", "oblique": "an oblique view"}.get(kind or "", "not a frontal view")
             left_out.append((file, f"view {view!r} is {what}; only frontal (PA/AP) views are classified"))
         elif label is None:
             left_out.append((file, reason))

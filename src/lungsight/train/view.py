@@ -34,12 +34,13 @@ from lungsight.about import __version__
 from lungsight.errors import InputError
 from lungsight.fileio import atomic_write_csv, atomic_write_json, ensure_dir
 from lungsight.io import load_study
+from lungsight.io.contract import view_kind
 from lungsight.models.registry import build_model, get_spec
 from lungsight.models.view import VIEW_CLASSES
 from lungsight.models.weights import save_checkpoint
 from lungsight.preprocess.transforms import augmentation, fit_square, normalise
 from lungsight.preprocess.window import LUNG_WINDOW, to_unit
-from lungsight.train.cxr_data import read_cxr_table, view_kind
+from lungsight.train.cxr_data import read_cxr_table
 from lungsight.train.data import Item, read_labels
 from lungsight.train.splits import class_weights, patient_folds
 
@@ -73,7 +74,8 @@ def view_items(cohen: Path, ct: Path) -> list[Item]:
     for row in table.rows:
         kind = view_kind(row.get("view", ""))
         path = table.image_dir / row["file"]
-        if kind is None or row.get("modality", "X-ray").lower() not in ("x-ray", "") or not row.get("patientid"):
+        x_ray = row.get("modality", "X-ray").lower() in ("x-ray", "")
+        if kind not in ("frontal", "lateral") or not x_ray or not row.get("patientid"):
             continue
         if not path.is_file():
             raise InputError(f"{table.csv_path}: {path} does not exist")
