@@ -180,7 +180,7 @@ def run_bench(
         n_slices = source.n_slices
     torch.set_num_threads(threads or usable_cores())
     det = Detector.from_pretrained(model)
-    window = tuple(det.config["window"])
+    window = det.window
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     with tempfile.TemporaryDirectory(prefix="lungsight-bench-") as tmp:

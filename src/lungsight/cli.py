@@ -16,6 +16,7 @@ from pathlib import Path
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.allocator import tune_malloc
 from lungsight.errors import InputError, LungsightError
+from lungsight.inference.rules import RULES
 
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rule",
-        choices=["threshold-0", "threshold-10", "consecutive", "mean"],
+        choices=RULES,
         help="slice -> patient rule (default: the model's, threshold-10)",
     )
     p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM (default 4)")
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for summary.csv/.json, index.html, studies/")
     p.add_argument("--model", help="model for every study (default: ct-default for CT, cxr-default for X-rays)")
     p.add_argument("--modality", choices=["CT", "XR"], help="what plain images are (default: guessed per study)")
-    p.add_argument("--rule", choices=["threshold-0", "threshold-10", "consecutive", "mean"])
+    p.add_argument("--rule", choices=RULES)
     p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM per study (default 4)")
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
     p.add_argument("--tiff-intercept", type=float, default=-1024.0, help="HU = value + intercept for 16-bit TIFF")
@@ -169,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
         help="X-ray models: attributes to split errors and metrics by (sex, view, source, sensor)",
     )
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rule", choices=["threshold-0", "threshold-10", "consecutive", "mean"])
+    p.add_argument("--rule", choices=RULES)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
 
     p = sub.add_parser("calibrate", help="temperature scaling of a CV run: ECE, NLL, Brier before and after")
@@ -196,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="read a study and print what was found (no model)")
     _add_input_options(p)
 
-    p = sub.add_parser("models", help="list, inspect or import models")
+    p = sub.add_parser("models", help="list or import models")
     msub = p.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="registered architectures and named models")
     mi = msub.add_parser("import", help="add a lungsight .safetensors model file under a name (offline use)")
@@ -285,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     er.add_argument("recipe", help="recipe YAML, or a bundled one: recipes/paper-000.yaml or paper-000")
     er.add_argument("--data", type=Path, required=True, help="root holding the recipe's datasets (covid-ct/ ...)")
     er.add_argument("--out", type=Path, required=True, help="bench folder; runs go to OUT/<recipe>/<entry>/")
-    er.add_argument("--quick", action="store_true", help="2 folds, 1 epoch, small inputs, few patients")
+    er.add_argument("--quick", action="store_true", help="2 folds, 2 epochs, small inputs, few patients")
     er.add_argument("--only", nargs="+", metavar="ENTRY", help="run only these entries of the recipe")
     er.add_argument("--threads", type=int, default=1, help="torch threads (default 1: spin-waiting on busy cores)")
     er.add_argument(

@@ -143,7 +143,7 @@ def measure_cell(det: Detector, path: Path, repeats: int) -> CellTimes:
             pred.save(Path(tmp) / f"out{r}")
             full.append(time.perf_counter() - t)
             kept = pred.result["slices"]["selected"]
-            x = det.inputs(to_unit(study.pixels[kept], study.intensity, tuple(det.config["window"])))
+            x = det.inputs(to_unit(study.pixels[kept], study.intensity, det.window))
             t = time.perf_counter()
             bare_forward(det.model, x)
             fwd.append(time.perf_counter() - t)

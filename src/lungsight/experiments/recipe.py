@@ -24,7 +24,7 @@ from lungsight.preprocess.xray import SCHEMES
 
 BUNDLED = Path(__file__).parent / "recipes"
 
-#: The ``--quick`` profile: every entry on a patient subset, 2 folds, 1 epoch, small inputs (a recipe or an
+#: The ``--quick`` profile: every entry on a patient subset, 2 folds, 2 epochs, small inputs (a recipe or an
 #: entry may raise ``input_size`` in its own ``quick`` mapping where an architecture needs more pixels).
 QUICK_PROFILE: dict[str, Any] = {"folds": 2, "epochs": 2, "input_size": 64, "max_patients": 40, "patience": 2}
 

@@ -1,6 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017): where in the image the evidence for a class lies.
 
-This is the one place where lungsight hooks a network to read activations and gradients. The map of a class
+This is the one place where lungsight hooks a network to read gradients (the only other hook, in
+:mod:`lungsight.evaluate.embedding`, reads a layer's features for the embedding plots). The map of a class
 c on a target layer with activations A_k is ReLU(sum_k w_k A_k), where w_k is the spatial mean of
 d logit_c / d A_k. Maps are upsampled to the input size and normalised per image by their maximum.
 """

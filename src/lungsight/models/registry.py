@@ -230,7 +230,7 @@ register(
 register(
     ModelSpec(
         "resnet18",
-        "ResNet18, single-channel input: ct-default's architecture (chosen by CV and speed, docs/model-selection.md)",
+        "ResNet18, single-channel input: ct-default's architecture until 2026-12-01 (docs/model-selection.md)",
         "ours",
         112,
         in_chans=1,

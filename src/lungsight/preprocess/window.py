@@ -16,11 +16,6 @@ from lungsight.study import Intensity
 LUNG_WINDOW: tuple[float, float] = (-1350.0, 150.0)  # centre -600 HU, width 1500 HU
 
 
-def window_bounds(center: float, width: float) -> tuple[float, float]:
-    """(low, high) HU of a window given as centre and width."""
-    return center - width / 2.0, center + width / 2.0
-
-
 def unit_bounds(
     pixels: np.ndarray, intensity: Intensity, window: tuple[float, float] = LUNG_WINDOW
 ) -> tuple[float, float]:

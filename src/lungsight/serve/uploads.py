@@ -57,10 +57,6 @@ class Upload:
     def files_dir(self) -> Path:
         return self.folder / "files"
 
-    @property
-    def suffixes(self) -> list[str]:
-        return [suffix_of(p.name) for p in self.files]
-
 
 def suffix_of(name: str) -> str:
     """The known extension of a file name, lower case (``.nii.gz`` whole), or ``""``."""
