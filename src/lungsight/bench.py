@@ -180,7 +180,6 @@ def run_bench(
         n_slices = source.n_slices
     torch.set_num_threads(threads or usable_cores())
     det = Detector.from_pretrained(model)
-    window = det.window
     runs: dict[str, list[float]] = {k: [] for k in ("read", "decision", "full", "forward", "forward_all")}
     stages: dict[str, list[float]] = {k: [] for k in STAGES}
     with tempfile.TemporaryDirectory(prefix="lungsight-bench-") as tmp:
@@ -195,8 +194,8 @@ def run_bench(
             pred, t_decision = _timed(det.predict, study, explain=False)
             parts, t_full = _timed(_full_path, det, path, Path(tmp) / f"out{r}")
             sel = pred.result["slices"]["selected"]
-            x = det.inputs(to_unit(study.pixels[sel], study.intensity, window))
-            x_all = det.inputs(to_unit(study.pixels, study.intensity, window))
+            x = forward_inputs(det, study, sel)
+            x_all = forward_inputs(det, study)
             _, t_fwd = _timed(bare_forward, det.model, x)
             _, t_fwd_all = _timed(bare_forward, det.model, x_all)
             if r:
@@ -284,6 +283,13 @@ def run_bench(
     print(f"  where the full path's time goes (medians): {parts}")
     print(f"  peak resident memory of this process: {figures['peak_rss_mib']:.0f} MiB")
     return figures
+
+
+def forward_inputs(det: Detector, study: Study, slices: list[int] | None = None) -> torch.Tensor:
+    """The model's input for ``slices`` of ``study`` (default all), prepared beforehand: what :func:`bare_forward`
+    is timed on."""
+    pixels = study.pixels if slices is None else study.pixels[slices]
+    return det.inputs(to_unit(pixels, study.intensity, det.window))
 
 
 def bare_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 16) -> None:

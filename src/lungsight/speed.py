@@ -34,7 +34,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import nn
 
 from lungsight.about import __version__
-from lungsight.bench import bare_forward, resampled_nifti
+from lungsight.bench import bare_forward, forward_inputs, resampled_nifti
 from lungsight.cores import usable_cores
 from lungsight.errors import InputError
 from lungsight.examples import EXAMPLE_CT
@@ -42,7 +42,7 @@ from lungsight.fileio import atomic_write, atomic_write_csv, atomic_write_json
 from lungsight.inference.detector import Detector
 from lungsight.io import load_study
 from lungsight.models.registry import MODELS, build_model, get_spec
-from lungsight.preprocess.window import LUNG_WINDOW, to_unit
+from lungsight.preprocess.window import LUNG_WINDOW
 
 DEFAULT_SLICES = (20, 50, 100, 200, 400)
 COLUMNS = (
@@ -143,7 +143,7 @@ def measure_cell(det: Detector, path: Path, repeats: int) -> CellTimes:
             pred.save(Path(tmp) / f"out{r}")
             full.append(time.perf_counter() - t)
             kept = pred.result["slices"]["selected"]
-            x = det.inputs(to_unit(study.pixels[kept], study.intensity, det.window))
+            x = forward_inputs(det, study, kept)
             t = time.perf_counter()
             bare_forward(det.model, x)
             fwd.append(time.perf_counter() - t)
