@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -744,8 +746,28 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit), raised in the main thread so that it unwinds like Ctrl-C."""
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    # Unwinding runs every cleanup on the way out: a zip's extracted slices (patient data) are deleted from the
+    # temporary folder, and no half-written output is left (writes are atomic).
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     tune_malloc()  # batch activations reuse freed memory instead of faulting in fresh pages (allocator.py)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("pydicom", "huggingface_hub"):  # their warnings repeat what our one-line error says
@@ -755,6 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     except LungsightError as exc:
         print(f"lungsight: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("lungsight: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("lungsight: interrupted", file=sys.stderr)
         return 130
