@@ -94,13 +94,13 @@ def test_dicom_and_nifti_readers_agree(ct_dicom_dir: Path, tmp_path: Path, dicom
 
 
 def test_scaling_is_applied(tmp_path: Path) -> None:
-    stored = np.full((8, 8, 3), 100, dtype=np.int16)
+    stored = np.full((8, 8, 3), 600, dtype=np.int16)
     stored[0] = 0
     image = nib.Nifti1Image(stored, np.eye(4))
     image.header.set_slope_inter(2.0, -1024.0)
     nib.save(image, tmp_path / "scaled.nii")
     study = load_study(tmp_path / "scaled.nii")
-    assert set(np.unique(study.pixels)) == {-1024.0, -824.0}
+    assert set(np.unique(study.pixels)) == {-1024.0, 176.0}
     assert study.warnings == []
 
 
@@ -109,16 +109,16 @@ def test_scaling_is_applied_once_to_a_reoriented_volume(tmp_path: Path) -> None:
     stored = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
     for name, affine in (("ras.nii", np.eye(4)), ("lps.nii", np.diag([-1.0, -1.0, 1.0, 1.0]))):
         image = nib.Nifti1Image(stored, affine)
-        image.header.set_slope_inter(2.0, -1000.0)
+        image.header.set_slope_inter(2.0, -100.0)
         nib.save(image, tmp_path / name)
     ras, lps = load_study(tmp_path / "ras.nii"), load_study(tmp_path / "lps.nii")
-    assert ras.pixels.min() == -1000.0 and ras.pixels.max() == -1000.0 + 2 * 59
+    assert ras.pixels.min() == -100.0 and ras.pixels.max() == -100.0 + 2 * 59
     np.testing.assert_array_equal(ras.pixels, lps.pixels[:, ::-1, ::-1])  # the same values, flipped in-plane
 
 
 def test_non_finite_voxels_are_filled_and_reported(tmp_path: Path) -> None:
     data = np.full((6, 6, 4), -800.0, np.float32)
-    data[0, 0, 0], data[1, 1, 1] = np.nan, np.inf
+    data[0, 0, 0], data[1, 1, 1], data[5, 5, 3] = np.nan, np.inf, 40.0
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii")
     study = load_study(tmp_path / "nan.nii")
     assert np.isfinite(study.pixels).all() and study.pixels.min() == -800.0
@@ -147,9 +147,23 @@ def test_contract_warnings_for_cropped_or_padded_volumes(tmp_path: Path) -> None
     assert soft.pixels.max() == 300
     assert any("no air found" in w for w in soft.warnings)
     padded = np.full((8, 8, 3), -1000, np.int16)
-    padded[0] = -3024
+    padded[0], padded[1] = -3024, 40
     nib.save(nib.Nifti1Image(padded, np.eye(4)), tmp_path / "padded.nii")
     assert any("beyond [-2000, 5000]" in w for w in load_study(tmp_path / "padded.nii").warnings)
+
+
+@pytest.mark.parametrize("fill", [-1024.0, -700.0, np.nan])
+def test_a_volume_with_no_tissue_is_refused(tmp_path: Path, fill: float) -> None:
+    """Air only (a blank scan), lung-density values only, or voxels that could not be read (NaN, filled as air):
+    there is no chest to classify, so no decision is made (the CT model would call air COVID-19)."""
+    data = np.full((32, 32, 6), fill, np.float32)
+    data[4:8, 4:8, :] = fill - 100  # not constant: the refusal is about tissue, not variation
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "blank.nii")
+    with pytest.raises(InputContractError, match=r"blank\.nii: no tissue in the volume \(its highest value is"):
+        load_study(tmp_path / "blank.nii")
+    data[0, 0, 0], data[0, 0, 1] = 40.0, -1000.0  # one voxel of soft tissue is enough to read it
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "tissue.nii")
+    assert load_study(tmp_path / "tissue.nii").pixels.max() == 40.0
 
 
 def test_four_dimensional_is_refused(tmp_path: Path) -> None:
@@ -157,7 +171,9 @@ def test_four_dimensional_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedInputError, match="4-D NIfTI") as info:
         load_study(tmp_path / "t.nii.gz")
     assert "t.nii.gz" in str(info.value)
-    nib.save(nib.Nifti1Image(np.full((4, 4, 3, 1), -1000, np.int16), np.eye(4)), tmp_path / "t1.nii.gz")
+    one = np.full((4, 4, 3, 1), -1000, np.int16)
+    one[0, 0, 0, 0] = 40
+    nib.save(nib.Nifti1Image(one, np.eye(4)), tmp_path / "t1.nii.gz")
     assert load_study(tmp_path / "t1.nii.gz").pixels.shape == (3, 4, 4)
 
 
@@ -323,14 +339,16 @@ def test_uint64_voxels_with_a_large_intercept_are_exact_int16(tmp_path: Path) ->
 def test_a_scaling_that_overflows_is_reported_without_a_numpy_warning(tmp_path: Path) -> None:
     import warnings
 
-    image = nib.Nifti1Image(np.full((4, 4, 3), 30000, np.int16), np.eye(4))
+    stored = np.full((4, 4, 3), 30000, np.int16)
+    stored[0, 0, 0], stored[0, 0, 1] = 0, -3  # 0 and -3e38 HU stay finite in float32
+    image = nib.Nifti1Image(stored, np.eye(4))
     image.header.set_slope_inter(1e38, 0.0)
     nib.save(image, tmp_path / "huge.nii")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         study = load_study(tmp_path / "huge.nii")
     assert np.isfinite(study.pixels).all()
-    assert any("48 voxels were NaN or infinite" in w for w in study.warnings)
+    assert any("46 voxels were NaN or infinite" in w for w in study.warnings)
 
 
 def test_a_header_describing_a_huge_volume_is_a_clear_error(tmp_path: Path) -> None:

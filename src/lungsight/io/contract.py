@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 HU_RANGE = (-2000.0, 5000.0)
 #: A CT of the chest has air: its 1st percentile must lie below this (HU).
 AIR_PERCENTILE_MAX = -500.0
+#: A CT of the chest has tissue (muscle, vessels, bone) too: a volume whose highest value lies below this (HU) is
+#: air, or lung alone, or unreadable voxels (NaN, read as air), and is refused.
+TISSUE_HU_MIN = -500.0
 #: Below this standard deviation (grey levels) an 8-bit image is considered blank.
 MIN_GREY8_STD = 2.0
 
@@ -62,6 +65,12 @@ def check_ct_contract(study: Study, source: str) -> None:
             raise InputContractError(
                 f"{source}: values {low:g}-{high:g} (within 0-255) look like display grey levels, not "
                 "Hounsfield units; pass the original DICOM/NIfTI or the images as PNG"
+            )
+        if high < TISSUE_HU_MIN:
+            raise InputContractError(
+                f"{source}: no tissue in the volume (its highest value is {high:.0f} HU, below "
+                f"{TISSUE_HU_MIN:.0f}): it holds air only, or voxels that could not be read; there is no chest "
+                "to classify"
             )
         first_percentile = float(np.percentile(_sample(pixels), 1))
         if first_percentile > AIR_PERCENTILE_MAX:
