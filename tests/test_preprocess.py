@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lungsight.preprocess.selection import BOX_X, BOX_Y, dark_counts, dark_level, select_slices
+from lungsight.preprocess.selection import BOX_X, BOX_Y, FEW_KEPT, dark_counts, dark_level, select_slices
 from lungsight.preprocess.transforms import (
     augmentation,
     fit_square,
@@ -188,3 +188,16 @@ def test_tensor_view_shares_memory_only_where_it_safely_can():
         t = tensor_view(other)  # no warning, no error on negative strides
         assert t.dtype == torch.float32 and not np.shares_memory(t.numpy(), a)
         np.testing.assert_array_equal(t.numpy(), other)
+
+
+def test_a_selection_that_keeps_only_a_few_slices_says_so() -> None:
+    """Fewer than FEW_KEPT kept slices of a longer series are reported (the rules would decide from them alone);
+    a short series kept whole, or a normal selection, is not."""
+    n = 30
+    vol = np.full((n, 64, 64), 40.0, np.float32)  # soft tissue: no dark pixels
+    vol[:2, 24:40, 24:40] = -1000.0  # two slices with lungs in the central box
+    sel = select_slices(vol, "hu")
+    assert sel.kept_indices == [0, 1]
+    assert sel.note.startswith(f"only 2 of {n} slices kept by slice selection") and "--no-select" in sel.note
+    vol[: FEW_KEPT + 3, 24:40, 24:40] = -1000.0
+    assert select_slices(vol, "hu").note == ""

@@ -33,6 +33,7 @@ DARK_HU = 300.0 - 1024.0  # paper's raw level 300 with intercept -1024
 DIVISOR = 1.5
 MIN_SLICES = 5
 MIN_SPREAD = 0.02  # (max - min) dark count below 2 % of the box area: counts do not discriminate
+FEW_KEPT = 5  # fewer kept slices than this (of more) are reported: the patient rules then rest on a handful
 # A whole-chest field of view is wider than this (COVID-CTset: 512 px of about 0.7 mm, about 360 mm); a narrower
 # one both ways is a crop around the lungs, whose centre is the mediastinum.
 NARROW_FOV_MM = 250.0
@@ -145,4 +146,16 @@ def select_slices(
         return SliceSelection.keep_all(counts, method, "dark-pixel counts barely vary: all kept", params)
     threshold = spread / divisor
     kept = counts > threshold
-    return SliceSelection(kept, counts, threshold, method, "", params)
+    return SliceSelection(kept, counts, threshold, method, _few_kept_note(int(kept.sum()), n), params)
+
+
+def _few_kept_note(k: int, n: int) -> str:
+    """A warning when the rule kept fewer than :data:`FEW_KEPT` of ``n`` slices (a series cut short above or
+    below the lungs, a crop, a scout): every patient rule then decides from those few."""
+    if k >= min(FEW_KEPT, n):
+        return ""
+    which = "it" if k == 1 else "them"
+    return (
+        f"only {k} of {n} slices kept by slice selection: the decision rests on {which} alone; check that the "
+        "series covers the lungs, or classify every slice (--no-select)"
+    )
