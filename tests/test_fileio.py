@@ -58,6 +58,9 @@ def test_an_output_folder_that_is_a_file_is_refused_without_touching_it(tmp_path
     assert main(["predict", str(EXAMPLE_CT), "--out", str(taken / "sub")]) == 4
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"lungsight: error: {taken / 'sub'}: cannot create the output folder") and "\n" not in err
+    # said before the input is read (a missing input would otherwise be the first error)
+    assert main(["predict", str(tmp_path / "missing.nii.gz"), "--out", str(taken)]) == 4
+    assert "exists and is not a folder" in capsys.readouterr().err
     assert taken.read_text() == "the user's notes"
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 

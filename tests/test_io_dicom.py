@@ -176,6 +176,9 @@ def test_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty folder") as info:
         load_study(tmp_path / "empty")
     assert str(tmp_path / "empty") in str(info.value)
+    (tmp_path / "empty" / "notes.txt").write_text("series from the scanner")
+    with pytest.raises(InputError, match=r"empty: no DICOM, NIfTI or image file in it \(.*such as notes\.txt"):
+        load_study(tmp_path / "empty")
 
 
 def test_folder_without_images(ct_dicom_dir: Path, tmp_path: Path, dicom_copy) -> None:

@@ -78,6 +78,28 @@ def test_folder_of_mixed_sizes_is_resized_to_most_common(real_png: Path, tmp_pat
     study = load_study(tmp_path)
     assert study.pixels.shape == (4, 48, 64)
     assert any("a3.png: 40x30" in w and "resized to 64x48" in w for w in study.warnings)
+    # every slice of its own size: the first one's is taken, and the note says so instead of "most common"
+    for index, size in enumerate([(64, 48), (50, 40), (40, 30)]):
+        grey.resize(size).save(tmp_path / f"a{index}.png")
+    (tmp_path / "a3.png").unlink()
+    study = load_study(tmp_path)
+    assert study.pixels.shape == (3, 48, 64)
+    assert (
+        study.warnings[0].startswith("the 3 slices all differ in size (e.g. ")
+        and "the first slice's" in study.warnings[0]
+    )
+
+
+def test_a_lungsight_output_inside_the_input_folder_is_not_read_as_slices(real_png: Path, tmp_path: Path) -> None:
+    """``predict slices/ --out slices/out`` run twice: the second read skips the first run's report and overlays."""
+    Image.fromarray(_grey(real_png)).save(tmp_path / "s1.png")
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    Image.fromarray(_grey(real_png)[:, :50]).save(out / "overlays" / "slice_0000.png")
+    for name in ("result.json", "report.html", "slice_probabilities.svg"):
+        (out / name).write_text("x")
+    study = load_study(tmp_path)
+    assert study.slice_labels == ["s1.png"] and study.warnings == []
 
 
 def test_folder_of_mixed_bit_depths_is_refused(real_png: Path, tmp_path: Path) -> None:
@@ -129,7 +151,7 @@ def test_oversize_png_is_refused_without_decoding(tmp_path: Path) -> None:
         path = png_header_only(tmp_path / f"big{side}.png", side, side)
         with pytest.raises(InputError, match=f"{side}x{side} pixels exceeds the limit of 64,000,000") as info:
             load_study(path)
-        assert str(path) in str(info.value) and "set max_pixels" in str(info.value)
+        assert str(path) in str(info.value) and "max_pixels=N" in str(info.value)
 
 
 def test_max_pixels_argument(real_png: Path) -> None:

@@ -18,12 +18,28 @@ from pathlib import Path
 from lungsight.about import DISCLAIMER, __version__
 from lungsight.allocator import tune_malloc
 from lungsight.errors import InputError, LungsightError
+from lungsight.fileio import check_output_folder
 from lungsight.inference.rules import RULES
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
 
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="DICOM folder/.zip/file, NIfTI, image, or folder of slice images")
-    p.add_argument("--series", metavar="UID", help="series to load from a multi-series DICOM folder")
+    p.add_argument(
+        "--series",
+        metavar="UID",
+        help="series to load from a multi-series DICOM folder: its SeriesInstanceUID or the id lungsight lists",
+    )
     p.add_argument(
         "--tiff-intercept",
         type=float,
@@ -55,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=RULES,
         help="slice -> patient rule (default: the model's, threshold-10)",
     )
-    p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM (default 4)")
+    p.add_argument("--top-k", type=_count, default=4, help="slices explained with Grad-CAM (default 4)")
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
     p.add_argument("--infection-model", type=Path, help="CT: infection U-Net file; adds the infected fraction of lung")
 
@@ -66,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for every study (default: ct-default for CT, cxr-default for X-rays)")
     p.add_argument("--modality", choices=["CT", "XR"], help="what plain images are (default: guessed per study)")
     p.add_argument("--rule", choices=RULES)
-    p.add_argument("--top-k", type=int, default=4, help="slices explained with Grad-CAM per study (default 4)")
+    p.add_argument("--top-k", type=_count, default=4, help="slices explained with Grad-CAM per study (default 4)")
     p.add_argument("--no-select", action="store_true", help="classify every slice (skip paper-002 selection)")
     p.add_argument("--tiff-intercept", type=float, default=-1024.0, help="HU = value + intercept for 16-bit TIFF")
     p.add_argument("--resume", action="store_true", help="continue a killed batch: finished studies are skipped")
@@ -338,6 +354,7 @@ def _predict(args: argparse.Namespace) -> int:
     from lungsight.inference.detector import Detector
     from lungsight.inference.route import load_for_prediction
 
+    check_output_folder(args.out)  # an existing file: said before reading the study, not after
     t0 = time.perf_counter()
     study, model = load_for_prediction(
         args.input,
@@ -375,6 +392,7 @@ def _batch(args: argparse.Namespace) -> int:
 
     if (args.input is None) == (args.list_file is None):
         raise InputError("give a folder of studies or --list FILE (one of them)")
+    check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     studies = read_study_list(args.list_file) if args.list_file else list_studies(args.input)

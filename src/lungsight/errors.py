@@ -23,6 +23,10 @@ class UnsupportedInputError(LungsightError):
     """The input is readable but is something lungsight refuses to guess about (gantry tilt, multi-frame ...)."""
 
 
+#: How to read an image larger than the readers' pixel limit, for the messages that refuse one.
+MAX_PIXELS_HINT = "a larger limit: load_study(..., max_pixels=N) in Python, lungsight serve --max-pixels N"
+
+
 class InputContractError(LungsightError):
     """The pixel values or modality are not what the model expects (e.g. 8-bit display values given as HU)."""
 

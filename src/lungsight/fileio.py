@@ -15,6 +15,16 @@ from typing import Any
 
 from lungsight.errors import OutputError
 
+_NOT_A_FOLDER = "exists and is not a folder; give a folder for the output"
+
+
+def check_output_folder(folder: str | os.PathLike[str]) -> Path:
+    """Refuse, before any work, an output folder that is an existing file (nothing is created here)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: {_NOT_A_FOLDER}")
+    return folder
+
 
 def ensure_dir(folder: str | os.PathLike[str]) -> Path:
     """Create ``folder`` (and its parents) if needed; a path that cannot be a folder is one clear error."""
@@ -22,7 +32,7 @@ def ensure_dir(folder: str | os.PathLike[str]) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise OutputError(f"{folder}: exists and is not a folder; give a folder for the output") from None
+        raise OutputError(f"{folder}: {_NOT_A_FOLDER}") from None
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
     return folder

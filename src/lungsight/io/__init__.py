@@ -26,7 +26,10 @@ __all__ = ["check_ct_contract", "check_xr_contract", "list_series", "load_study"
 logger = logging.getLogger("lungsight.io")
 
 #: Files in a folder that are never read: notes and sidecars that travel with exported series.
-IGNORED_SUFFIXES = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".html", ".htm", ".pdf", ".ini", ".log"})
+IGNORED_SUFFIXES = frozenset({".txt", ".md", ".json", ".csv", ".xml", ".html", ".htm", ".pdf", ".ini", ".log", ".svg"})
+#: A folder holding both is a lungsight output (``predict --out``), skipped with its overlays when it lies inside
+#: the input: its PNGs are reports, not slices.
+_OUTPUT_MARKERS = ("result.json", "report.html")
 #: Entries never read, whatever their kind: OS clutter (compared lower-case).
 IGNORED_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "$recycle.bin"})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -49,9 +52,13 @@ def _kind(path: Path) -> str:
 
 
 def _listed(folder: Path) -> list[Path]:
-    """Regular files under ``folder`` (recursively), without hidden files, OS clutter and sidecar notes."""
+    """Regular files under ``folder`` (recursively), without hidden files, OS clutter, sidecar notes and lungsight's
+    own output folders."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
+        if dirpath != str(folder) and all(m in filenames for m in _OUTPUT_MARKERS):
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in IGNORED_NAMES)
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
@@ -109,7 +116,13 @@ def _read(
 
     files = _listed(target)
     if not files:
-        raise InputError(f"{label}: empty folder (no files to read)")
+        skipped = next((p for p in sorted(target.rglob("*")) if p.is_file()), None)
+        if skipped is None:
+            raise InputError(f"{label}: empty folder (no files to read)")
+        raise InputError(
+            f"{label}: no DICOM, NIfTI or image file in it (only files that are never read, such as "
+            f"{skipped.relative_to(target)}: notes, hidden files, lungsight outputs)"
+        )
     name = _namer(target, label)
     by_kind: dict[str, list[Path]] = {}
     for path in files:

@@ -40,7 +40,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.values import convert_value
 
 from lungsight.cores import usable_cores
-from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.errors import MAX_PIXELS_HINT, InputError, UnsupportedInputError
 from lungsight.io.contract import view_kind
 from lungsight.io.deid import identifying_values, redact, series_id, whitelisted_metadata
 from lungsight.study import SeriesInfo, Study, add_whole_hu, fits_int16, sums_fit_int16
@@ -499,7 +499,7 @@ def _check_uniform(series: list[_Header], name: NameFn, max_pixels: int) -> None
         if header.rows * header.cols > max_pixels:
             raise InputError(
                 f"{name(header.path)}: {header.cols}x{header.rows} pixels exceeds the limit of "
-                f"{max_pixels:,} pixels (set max_pixels)"
+                f"{max_pixels:,} pixels ({MAX_PIXELS_HINT})"
             )
     for syntax in {h.transfer_syntax for h in series if h.transfer_syntax is not None}:
         if not syntax.is_compressed:
@@ -691,7 +691,7 @@ def read_dicom(
         listed = ", ".join(_describe(s) for s in others)
         notes.append(
             f"{len(others)} other series not loaded: {listed}; loaded {series_id(chosen)} "
-            f"({len(series)} images); pass series_uid to choose another"
+            f"({len(series)} images); choose another by the id shown with --series (series_uid= in Python)"
         )
 
     kind = _kind(series[0].modality, modality, name(series[0].path))

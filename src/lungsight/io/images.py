@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from lungsight.errors import InputContractError, InputError, UnsupportedInputError
+from lungsight.errors import MAX_PIXELS_HINT, InputContractError, InputError, UnsupportedInputError
 from lungsight.study import Study
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -54,7 +54,7 @@ class _Probe:
 def _limit(shown: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise InputError(
-            f"{shown}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels (set max_pixels)"
+            f"{shown}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels ({MAX_PIXELS_HINT})"
         )
 
 
@@ -85,7 +85,7 @@ def _open_pil(path: Path, shown: str, max_pixels: int) -> Image.Image:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         count = f"{size[0]}x{size[1]}" if size else (f"{int(found.group(1)):,}" if found else "too many")
         pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        hint = "set max_pixels" if max_pixels < pillow_limit else "raise PIL.Image.MAX_IMAGE_PIXELS"
+        hint = MAX_PIXELS_HINT if max_pixels < pillow_limit else "raise PIL.Image.MAX_IMAGE_PIXELS"
         raise InputError(
             f"{shown}: {count} pixels exceeds the limit of {min(max_pixels, pillow_limit):,} pixels ({hint})"
         ) from None
@@ -214,7 +214,13 @@ def read_images(
     sizes = Counter(p.size for p in probes for _ in range(p.pages))
     target = sizes.most_common(1)[0][0]
     odd = [p for p in probes if p.size != target]
-    if odd:
+    if odd and sizes[target] == 1:  # every slice has its own size: the first one's is taken
+        notes.append(
+            f"the {sum(sizes.values())} slices all differ in size (e.g. {name(odd[0].path)}: "
+            f"{odd[0].size[1]}x{odd[0].size[0]}); they were resized to {target[1]}x{target[0]}, the first slice's "
+            "size, without keeping their aspect ratios"
+        )
+    elif odd:
         notes.append(
             f"{sum(p.pages for p in odd)} of {sum(sizes.values())} slices had another size "
             f"(e.g. {name(odd[0].path)}: {odd[0].size[1]}x{odd[0].size[0]}) and were resized to "

@@ -39,7 +39,7 @@ try:
 except ImportError:  # optional: nibabel's and Python's zlib openers are used instead
     igzip = igzip_threaded = None
 
-from lungsight.errors import InputError, UnsupportedInputError
+from lungsight.errors import MAX_PIXELS_HINT, InputError, UnsupportedInputError
 from lungsight.study import Study, add_whole_hu, fits_int16, sums_fit_int16
 
 
@@ -149,7 +149,7 @@ def read_nifti(path: Path, label: str, *, max_pixels: int = 64_000_000) -> Study
 def _check_size(label: str, i: int, j: int, max_pixels: int) -> None:
     if i * j > max_pixels:
         raise InputError(
-            f"{label}: {i}x{j} pixels per slice exceeds the limit of {max_pixels:,} pixels (set max_pixels)"
+            f"{label}: {i}x{j} pixels per slice exceeds the limit of {max_pixels:,} pixels ({MAX_PIXELS_HINT})"
         )
 
 
