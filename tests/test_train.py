@@ -39,6 +39,23 @@ def test_folds_and_validation_split_never_share_a_patient(covid_ct):
     assert seen_test == set(range(len(items)))  # every image is tested exactly once across folds
 
 
+def test_a_validation_split_of_few_patients_grows_instead_of_failing(tmp_path):
+    """Five patients with four images each cannot give a 15 % validation part by patient: it takes one of five
+    (within one half), and one patient alone cannot be split at all."""
+    from lungsight.errors import InputError
+    from lungsight.train.data import Item
+
+    items = [
+        Item(tmp_path / f"{p}_{k}.png", "covid" if p % 2 else "non-covid", f"p{p}") for p in range(5) for k in range(4)
+    ]
+    idx = np.arange(len(items))
+    tr, val = validation_split(items, idx, 0.15, seed=0)
+    assert len(val) and len(tr) and not {items[i].patient_id for i in tr} & {items[i].patient_id for i in val}
+    assert len({items[i].patient_id for i in val}) <= 2
+    with pytest.raises(InputError, match=r"too few patients \(1\)"):
+        validation_split(items, idx[:4], 0.15)
+
+
 def test_class_weights_balance_the_loss(covid_ct):
     items = read_labels(covid_ct)
     idx = np.arange(len(items))

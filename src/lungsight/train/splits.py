@@ -32,14 +32,15 @@ def validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (train, validation) by patient, the validation part holding about ``fraction``.
 
-    When the rarest class has fewer images than ``1 / fraction`` the validation part grows (down to one half), so
-    that every class can still be represented in it.
+    When the rarest class has fewer images than ``1 / fraction``, or there are fewer patients, the validation part
+    grows (up to one half), so that every class can still be represented in it and every part holds a patient.
     """
     labels, groups = _groups(items)
     rarest = min(Counter(labels[idx].tolist()).values())
-    n_splits = max(2, min(round(1 / fraction), rarest))
-    if len(set(groups[idx])) < n_splits:
-        raise InputError(f"too few patients ({len(set(groups[idx]))}) for a {fraction:.0%} validation split")
+    patients = len(set(groups[idx]))
+    if patients < 2:
+        raise InputError(f"too few patients ({patients}) to split off a validation part; at least 2 are needed")
+    n_splits = max(2, min(round(1 / fraction), rarest, patients))
     skf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 1)
     tr, va = next(skf.split(np.zeros(len(idx)), labels[idx], groups[idx]))
     return idx[tr], idx[va]
