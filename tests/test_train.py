@@ -42,7 +42,6 @@ def test_folds_and_validation_split_never_share_a_patient(covid_ct):
 def test_a_validation_split_of_few_patients_grows_instead_of_failing(tmp_path):
     """Five patients with four images each cannot give a 15 % validation part by patient: it takes one of five
     (within one half), and one patient alone cannot be split at all."""
-    from lungsight.errors import InputError
     from lungsight.train.data import Item
 
     items = [
@@ -187,3 +186,28 @@ def test_onecycle_warms_up_then_decays_per_step(covid_ct, tmp_path):
     assert len(lrs) == 4
     assert lrs[0] == pytest.approx(1e-3, rel=0.3)  # the peak is reached within the first epoch (15 % of the steps)
     assert lrs[0] > lrs[1] > lrs[2] > lrs[3] and lrs[3] < 1e-5
+
+
+def test_a_resume_compares_data_folders_as_the_folders_they_are(tmp_path, monkeypatch):
+    """The same data by another relative path resumes; the same text that means another folder from elsewhere
+    does not; a run.json written before paths were recorded compares the text, as it did."""
+    import json
+
+    from lungsight.train.runs import RESOLVED, prepare_run_folder
+
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    out = tmp_path / "run"
+    prepare_run_folder(out, {"data": "data", "seed": 0}, False, ("data", "seed"), path_keys=("data",))
+    (out / "fold_1").mkdir()
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"] == "data" and run[RESOLVED] == {"data": str(tmp_path / "a" / "data")}
+    monkeypatch.chdir(tmp_path)
+    prepare_run_folder(out, {"data": "a/data", "seed": 0}, True, ("data", "seed"), path_keys=("data",))
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(InputError, match=r"--resume with different settings \(data\)"):
+        prepare_run_folder(out, {"data": "data", "seed": 0}, True, ("data", "seed"), path_keys=("data",))
+    del run[RESOLVED]
+    (out / "run.json").write_text(json.dumps(run))
+    prepare_run_folder(out, {"data": "data", "seed": 0}, True, ("data", "seed"), path_keys=("data",))

@@ -169,7 +169,7 @@ def predict_batch(
         "tiff_intercept": tiff_intercept,
     }
     keys = ("inputs", "model", "modality", "rule", "top_k", "select", "tiff_intercept")
-    prepare_run_folder(out, settings, resume, keys)
+    prepare_run_folder(out, settings, resume, keys, path_keys=("inputs",))
     previous = _previous_rows(out) if resume else {}
     detectors: dict[str, Detector] = {}
     rows: list[dict[str, Any]] = []

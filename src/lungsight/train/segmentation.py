@@ -404,7 +404,7 @@ _RESUME_KEYS = (
 
 def _prepare_run(cfg: SegTrainConfig, resume: bool) -> Path:
     """Create the run folder; refuse a non-empty one unless resuming with the same settings."""
-    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, _RESUME_KEYS)
+    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, _RESUME_KEYS, path_keys=("data", "masks", "groups"))
 
 
 def _load_all(pairs: list[Pair], size: int) -> tuple[torch.Tensor, torch.Tensor]:

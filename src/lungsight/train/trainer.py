@@ -356,7 +356,9 @@ RESUME_KEYS = (
 
 def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
     """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration."""
-    return prepare_run_folder(Path(cfg.out), asdict(cfg), resume, RESUME_KEYS, defaults={"holdout": 0.0})
+    return prepare_run_folder(
+        Path(cfg.out), asdict(cfg), resume, RESUME_KEYS, defaults={"holdout": 0.0}, path_keys=("data", "extra_data")
+    )
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
