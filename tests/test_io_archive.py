@@ -123,6 +123,23 @@ def test_too_many_members_and_too_large(tmp_path: Path, private_tmp: Path) -> No
     assert list(private_tmp.iterdir()) == []
 
 
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path: Path, private_tmp: Path) -> None:
+    """80 MiB of zeros deflate about a thousand times: refused from the zip's directory, with nothing unpacked."""
+    import zipfile
+
+    from lungsight.io.archive import BOMB_MIN_BYTES
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("series/slice.dcm", bytes(BOMB_MIN_BYTES + 16 * 1024**2))
+    with (
+        pytest.raises(InputError, match=r"bomb\.zip: .* bytes would unpack to 83,886,080 .* refused as a zip bomb"),
+        extracted_zip(archive, "bomb.zip"),
+    ):
+        pass
+    assert list(private_tmp.iterdir()) == []
+
+
 def test_not_a_zip(tmp_path: Path) -> None:
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(InputError, match="not a readable zip file"):

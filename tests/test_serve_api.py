@@ -196,7 +196,7 @@ def malicious(tmp_path_factory, ct_dicom_dir: Path, shared_data: Path) -> dict[s
     with zipfile.ZipFile(no_image, "w") as z:
         z.writestr("study/readme.txt", "no images here")
         z.writestr("study/notes.json", "{}")
-    cases["folder without images"] = (no_image, 400, "empty")
+    cases["folder without images"] = (no_image, 400, "no DICOM, NIfTI or image file")
     empty = tmp / "empty.zip"
     zipfile.ZipFile(empty, "w").close()
     cases["empty zip"] = (empty, 400, "empty")

@@ -21,6 +21,12 @@ MAX_MEMBERS = 10_000
 #: Largest total uncompressed size (bytes) a zip may declare or extract.
 MAX_UNCOMPRESSED_BYTES = 4 * 1024**3
 
+#: A zip that would unpack to more than :data:`BOMB_MIN_BYTES` at more than this many bytes per stored byte is
+#: refused before anything is written: images and DICOM slices deflate a few times at most (a CT slice's air
+#: padding perhaps 20 times), while a zip bomb inflates hundreds or thousands of times.
+MAX_RATIO = 100
+BOMB_MIN_BYTES = 64 * 1024**2
+
 _CHUNK = 1024 * 1024
 
 
@@ -67,6 +73,12 @@ def extracted_zip(
         declared = sum(m.file_size for m, _ in files)
         if declared > max_bytes:
             raise InputError(f"{label}: {declared:,} bytes uncompressed exceeds the limit of {max_bytes:,} bytes")
+        stored = sum(m.compress_size for m, _ in files)
+        if declared > BOMB_MIN_BYTES and declared > MAX_RATIO * max(stored, 1):
+            raise InputError(
+                f"{label}: {stored:,} bytes would unpack to {declared:,} ({declared // max(stored, 1):,} times as "
+                f"many); images do not compress like that, so it is refused as a zip bomb"
+            )
         with tempfile.TemporaryDirectory(prefix="lungsight-") as tmp:
             root = Path(tmp)
             written = 0
