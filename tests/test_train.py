@@ -111,7 +111,7 @@ def test_small_cv_beats_chance_and_resumes(covid_ct, tmp_path, capsys):
     with pytest.raises(InputError, match="pass --resume"):
         train(cfg)
     capsys.readouterr()
-    pooled = train(cfg, resume=True)
+    pooled = train(TrainConfig(**{**cfg.__dict__, "command": "lungsight train ... --resume"}), resume=True)
     log = capsys.readouterr().out
     assert "[fold 1/2] already complete" in log and "[fold 2/2] resuming after epoch 6" in log
     assert not (run / "fold_2" / "state.pt").exists()
@@ -124,6 +124,7 @@ def test_small_cv_beats_chance_and_resumes(covid_ct, tmp_path, capsys):
     assert set(metrics["patient_rules"]) == {"threshold-0", "threshold-10", "consecutive", "mean"}
     assert 0.0 < metrics["operating_point"]["threshold"] <= 1.0
     assert metrics["ci95"]["slice"]["auc"][0] <= metrics["slice"]["auc"] <= metrics["ci95"]["slice"]["auc"][1]
+    assert f"Command: `{cfg.command}`" in (run / "cv_table.md").read_text()  # the run's command, not the resume's
     with open(run / "fold_1" / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
     assert not list(run.rglob("*.tmp"))

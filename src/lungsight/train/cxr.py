@@ -231,7 +231,7 @@ def train_cxr(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         raise InputError(f"{', '.join(map(str, roots))}: need at least two classes, found {classes}")
     if cfg.pretrained:
         build_model(cfg.model, len(classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
-    out = prepare_run(cfg, resume)
+    out, cfg = prepare_run(cfg, resume)
     atomic_write_csv(out / "left_out.csv", [{"file": f, "reason": why} for f, why in left_out])
     counts = {c: sum(r.label == c for r in records) for c in classes}
     n_pat = len({r.patient_id for r in records})

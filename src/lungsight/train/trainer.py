@@ -16,12 +16,13 @@ Run folder layout (``--out``)::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -354,11 +355,15 @@ RESUME_KEYS = (
 )
 
 
-def prepare_run(cfg: TrainConfig, resume: bool) -> Path:
-    """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration."""
-    return prepare_run_folder(
+def prepare_run(cfg: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
+    """Create the run folder; refuse to write into a non-empty one unless resuming the same configuration.
+    Returns the folder and ``cfg`` with the command line that started the run (a resumed run's tables and model
+    name the original command, not ``--resume``'s)."""
+    out = prepare_run_folder(
         Path(cfg.out), asdict(cfg), resume, RESUME_KEYS, defaults={"holdout": 0.0}, path_keys=("data", "extra_data")
     )
+    first = json.loads((out / "run.json").read_text()).get("command") or cfg.command
+    return out, replace(cfg, command=first)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -379,7 +384,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         raise InputError(f"{cfg.data}: need at least two labels, found {classes}")
     if cfg.pretrained:  # obtain the weights (or fail with the way forward) before a run folder exists
         build_model(cfg.model, len(classes), pretrained=cfg.pretrained, input_size=cfg.input_size)
-    out = prepare_run(cfg, resume)
+    out, cfg = prepare_run(cfg, resume)
     if cfg.holdout:
         items = hold_out(items, cfg.holdout, cfg.seed, out / "holdout.csv")
     n_pat = len({it.patient_id for it in items})
