@@ -31,7 +31,7 @@ from lungsight.evaluate.calibration import (
     logits_from_probs,
     positive_index,
 )
-from lungsight.evaluate.metrics import group_resamples
+from lungsight.evaluate.metrics import group_resamples, percentile_interval
 from lungsight.fileio import atomic_write_csv, atomic_write_json
 from lungsight.train.data import Item, SliceDataset, read_labels
 
@@ -143,10 +143,11 @@ def ensemble_gain_ci(
         aucs = [_class_auc(yy, m[idx]) for m in p]
         if auc_e is not None and all(a is not None for a in aucs):
             gains["auc"].append(auc_e - float(np.mean(aucs)))
-    return {
-        k: [float(v) for v in np.percentile(g, [100 * alpha / 2, 100 * (1 - alpha / 2)])] if g else None
-        for k, g in gains.items()
-    } | {"n_boot": n_boot, "resample_unit": "patient", "alpha": alpha}
+    return {k: percentile_interval(np.asarray(g, dtype=float), alpha)[0] for k, g in gains.items()} | {
+        "n_boot": n_boot,
+        "resample_unit": "patient",
+        "alpha": alpha,
+    }
 
 
 # ---------------------------------------------------------------- a CV run folder and unseen data

@@ -257,8 +257,9 @@ def group_resamples(groups: ArrayLike, n_boot: int, seed: int = 0) -> Iterator[n
     """Row indices of ``n_boot`` cluster-bootstrap resamples: as many groups (patients) as there are, drawn with
     replacement, each bringing all its rows. For statistics that need the rows themselves (ECE, an ensemble's
     gain); :func:`bootstrap_ci` weights rows instead, which is faster for the confusion-matrix metrics."""
-    _, group_of_row = np.unique(np.asarray(groups), return_inverse=True)
-    rows_of = [np.flatnonzero(group_of_row == g) for g in range(group_of_row.max() + 1)]
+    g = np.asarray(groups)
+    unit_of_row, n_units = resample_units(g, len(g))
+    rows_of = [np.flatnonzero(unit_of_row == u) for u in range(n_units)]
     rng = np.random.default_rng(seed)
     for _ in range(n_boot):
         yield np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])

@@ -38,7 +38,8 @@ def training_data_warnings(items: list[Item], data: Path, training: dict[str, An
     trained = {p.resolve() for p in sources}
     names = {p.name for p in sources}
     inside = sum(any(root in it.path.resolve().parents for root in trained) for it in items)
-    if data.resolve() in trained or data.resolve().name in names or inside:
+    here = data.resolve()
+    if here in trained or here.name in names or inside:
         return [
             f"this model was trained on {', '.join(map(str, sources))} (its config's training data), and these "
             f"images come from it or share its name ({inside} of {len(items)} resolve inside it): the metrics "
