@@ -23,6 +23,13 @@ def _resolved(value: Any) -> Any:
     return value
 
 
+def _saved_nothing(out: Path) -> bool:
+    """Whether ``out`` is a run that stopped before it wrote anything but ``run.json`` (and empty folders), such as
+    one whose first image failed to read: running the command again starts it afresh instead of asking for
+    ``--resume``, as nothing can be lost."""
+    return (out / "run.json").is_file() and all(p.is_dir() or p == out / "run.json" for p in out.rglob("*"))
+
+
 def prepare_run_folder(
     out: Path,
     settings: Mapping[str, Any],
@@ -35,12 +42,13 @@ def prepare_run_folder(
     run whose ``resume_keys`` settings differ from ``settings`` (compared as JSON, so tuples equal lists).
     ``path_keys`` are compared as the files they lead to (resolved, recorded under :data:`RESOLVED`): the same data
     given by another relative path resumes, and the same text meaning another folder from elsewhere does not.
-    ``defaults`` stand for keys that a run written by an older version does not have."""
+    ``defaults`` stand for keys that a run written by an older version does not have. A run that saved nothing
+    but its ``run.json`` starts afresh without ``--resume``."""
     out = Path(out)
     run_json = out / "run.json"
     now = json.loads(json.dumps(dict(settings)))
     now_paths = {k: _resolved(now.get(k)) for k in path_keys}
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and (resume or not _saved_nothing(out)):
         if not resume:
             raise InputError(f"{out}: folder exists and is not empty; pass --resume to continue it or a new --out")
         if not run_json.exists():
