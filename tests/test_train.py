@@ -212,3 +212,110 @@ def test_a_resume_compares_data_folders_as_the_folders_they_are(tmp_path, monkey
     del run[RESOLVED]
     (out / "run.json").write_text(json.dumps(run))
     prepare_run_folder(out, {"data": "data", "seed": 0}, True, ("data", "seed"), path_keys=("data",))
+
+
+def test_a_run_that_saved_nothing_starts_again_without_resume(tmp_path):
+    """A run stopped before it wrote anything but run.json (its first image unreadable, say) is simply run again;
+    one that saved anything still needs --resume."""
+    import json
+
+    from lungsight.train.runs import prepare_run_folder
+
+    out = tmp_path / "run"
+    prepare_run_folder(out, {"data": "x", "seed": 0}, False, ("data", "seed"))
+    (out / "fold_1").mkdir()  # created, then the first epoch failed
+    prepare_run_folder(out, {"data": "x", "seed": 1}, False, ("data", "seed"))
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    (out / "fold_1" / "history.csv").write_text("epoch\n1\n")
+    with pytest.raises(InputError, match="pass --resume"):
+        prepare_run_folder(out, {"data": "x", "seed": 1}, False, ("data", "seed"))
+    assert (out / "fold_1" / "history.csv").read_text() == "epoch\n1\n"
+    (tmp_path / "other" / "sub").mkdir(parents=True)  # not a run (no run.json): never written into
+    with pytest.raises(InputError, match="not empty"):
+        prepare_run_folder(tmp_path / "other", {"data": "x"}, False, ("data",))
+
+
+def test_the_weight_average_warms_up_as_documented():
+    """``make_ema``: the first update copies the weights, the next ones average with decay 1 - (1 + step) ** -0.75."""
+    import torch
+
+    from lungsight.train.trainer import make_ema
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema = make_ema(model)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    ema.update(model, step=1)  # decay 0: a copy
+    assert ema.module.weight.item() == pytest.approx(4.0)
+    with torch.no_grad():
+        model.weight.fill_(8.0)
+    ema.update(model, step=2)  # decay 1 - 2 ** -0.75 = 0.4054: 0.4054 * 4 + 0.5946 * 8
+    assert ema.module.weight.item() == pytest.approx(0.40540 * 4 + 0.59460 * 8, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_with_the_weight_average_keeps_it_and_resumes_it(covid_ct, tmp_path):
+    """--ema: the saved model is the average, not the last weights, and a killed run resumes the average."""
+    import torch
+    from safetensors.torch import load_file
+
+    import lungsight.train.trainer as trainer_module
+
+    def cfg(out: str) -> TrainConfig:
+        return TrainConfig(
+            data=str(covid_ct),
+            model="resnet18",
+            out=str(tmp_path / out),
+            folds=0,
+            epochs=2,
+            input_size=32,
+            augment="none",
+            batch_size=4,
+            max_patients=16,
+            threads=1,
+            workers=0,
+            ema=True,
+        )
+
+    train(cfg("whole"))
+    state = torch.load(tmp_path / "whole" / "full" / "state.pt", weights_only=True)
+    saved = load_file(tmp_path / "whole" / "model.safetensors")
+    assert set(saved) == set(state["ema"])
+    assert all(torch.equal(saved[k], state["ema"][k].contiguous()) for k in saved)
+    assert not torch.equal(saved["net.fc.weight"], state["model"]["net.fc.weight"])
+    assert state["progress"]["steps"] == 2 * 8  # the 16 patients' 30 slices in batches of 4, two epochs
+
+    write_csv = trainer_module.atomic_write_csv
+
+    def killed_after_epoch_1(path, rows):
+        write_csv(path, rows)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "atomic_write_csv", killed_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg("killed"))
+    at_kill = torch.load(tmp_path / "killed" / "full" / "state.pt", weights_only=True)
+    assert at_kill["progress"]["steps"] == 8
+    make_ema, first_update = trainer_module.make_ema, []
+
+    def watched(model):  # records the average the resumed run starts from, at its first update
+        ema = make_ema(model)
+        update = ema.update
+
+        def recording_update(m, step):
+            if not first_update:
+                first_update.append((step, {k: v.clone() for k, v in ema.module.state_dict().items()}))
+            update(m, step=step)
+
+        ema.update = recording_update
+        return ema
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "make_ema", watched)
+        train(cfg("killed"), resume=True)
+    step, start = first_update[0]
+    assert step == 9  # the step count goes on, so the decay does too
+    assert all(torch.equal(start[k], v) for k, v in at_kill["ema"].items())
