@@ -121,11 +121,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler", choices=["cosine", "onecycle", "plateau"], help="learning-rate schedule (default: the model's)"
     )
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        help="select and save a moving average of the weights (default: the model's; docs/model-selection.md)",
-    )
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--folds", type=int, default=5, help="k of patient-grouped k-fold CV; 0 = fit on all data")
     p.add_argument("--epochs", type=int)
@@ -451,7 +446,6 @@ def _train(args: argparse.Namespace) -> int:
         scheme=args.scheme,
         segmenter=args.segmenter,
         scheduler=args.scheduler,
-        ema=args.ema,
         threads=args.threads,
         cache=str(args.cache) if args.cache else None,
         model=args.model,

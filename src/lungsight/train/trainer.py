@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -69,7 +68,6 @@ class TrainConfig:
     workers: int = 1
     max_patients: int | None = None
     scheduler: str | None = None  # "cosine", "onecycle" (warm-up, then cosine) or "plateau" (halve after 3 flat epochs)
-    ema: bool | None = None  # validate and keep a moving average of the weights (default: the model's)
     task: str = "ct"  # "ct": labels.csv of CT slices; "cxr": X-ray metadata folders (train/cxr.py)
     extra_data: list[str] = field(default_factory=list)  # further X-ray sources (task "cxr")
     scheme: str = "segmented"  # paper 004's X-ray preprocessing (task "cxr")
@@ -87,7 +85,6 @@ class TrainConfig:
         c.lr = c.lr or d.get("lr", 1e-3)
         c.optimizer = c.optimizer or d.get("optimizer", "adamw")
         c.scheduler = c.scheduler or d.get("scheduler", "cosine")
-        c.ema = d.get("ema", False) if c.ema is None else c.ema
         c.augment = c.augment or d.get("augment", "paper002")
         c.input_size = c.input_size or get_spec(self.model).input_size
         c.min_epochs = max(1, c.epochs // 3) if c.min_epochs is None else max(1, c.min_epochs)
@@ -138,17 +135,6 @@ def model_config(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
         "default_rule": "threshold-10",
         "consecutive_n": 15,
     }
-
-
-#: The moving average's decay after ``step`` optimiser steps is ``1 - (1 + step) ** -EMA_POWER`` (timm's warm-up,
-#: with the power its authors give for short training): 0.86 after one epoch of 13 steps, 0.97 after 130. A fixed
-#: decay would either forget the last epochs or, over a fine-tune's few hundred steps, still hold the start.
-EMA_POWER = 0.75
-
-
-def make_ema(model: nn.Module) -> ModelEmaV3:
-    """A moving average of ``model``'s weights and buffers, with the warm-up of :data:`EMA_POWER`."""
-    return ModelEmaV3(model, decay=0.9999, use_warmup=True, warmup_power=EMA_POWER)
 
 
 def _loader(ds: SliceDataset, batch: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
@@ -216,7 +202,6 @@ class FoldTrainer:
             )
         else:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-        ema = make_ema(model) if cfg.ema else None
         weights = torch.tensor(class_weights(self.items, train_idx, self.classes), dtype=torch.float32)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
         state_path, best_path = self.dir / "state.pt", self.dir / "best.safetensors"
@@ -226,8 +211,6 @@ class FoldTrainer:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
-            if ema is not None:
-                ema.module.load_state_dict(saved["ema"])
             st = saved["progress"]
             print(f"[{tag}] resuming after epoch {st['epoch']}", flush=True)
         train_ds = self.make_ds(train_idx, cfg.augment)
@@ -248,18 +231,14 @@ class FoldTrainer:
                 opt.step()
                 if per_step:
                     sched.step()
-                if ema is not None:
-                    st["steps"] = st.get("steps", 0) + 1
-                    ema.update(model, step=st["steps"])
                 total += loss.item() * len(y)
                 n += len(y)
                 bar.set_postfix(loss=f"{total / n:.4f}")
             if not plateau and not per_step:
                 sched.step()
             row = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": opt.param_groups[0]["lr"]}
-            kept = model if ema is None else ema.module  # the weights validated, selected and returned
             if val_ds is not None:
-                pv = predict_items(kept, val_ds, cfg.batch_size, cfg.workers)
+                pv = predict_items(model, val_ds, cfg.batch_size, cfg.workers)
                 row["val_loss"] = float(
                     nn.functional.nll_loss(torch.log(torch.tensor(pv) + 1e-8), torch.tensor(y_val), weight=weights)
                 )
@@ -276,7 +255,7 @@ class FoldTrainer:
             # model by chance) and patience does not run.
             if epoch >= cfg.min_epochs and score > st["best_score"]:
                 st.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-                save_checkpoint(kept, model_config(cfg, self.classes) | {"epoch": epoch}, best_path)
+                save_checkpoint(model, model_config(cfg, self.classes) | {"epoch": epoch}, best_path)
             elif epoch >= cfg.min_epochs:
                 st["bad_epochs"] += 1
             atomic_torch_save(
@@ -285,8 +264,7 @@ class FoldTrainer:
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "progress": st,
-                }
-                | ({"ema": ema.module.state_dict()} if ema is not None else {}),
+                },
                 state_path,
             )
             atomic_write_csv(self.dir / "history.csv", st["history"])
@@ -374,7 +352,6 @@ RESUME_KEYS = (
     "scheme",
     "segmenter",
     "holdout",
-    "ema",
 )
 
 
@@ -383,12 +360,7 @@ def prepare_run(cfg: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
     Returns the folder and ``cfg`` with the command line that started the run (a resumed run's tables and model
     name the original command, not ``--resume``'s)."""
     out = prepare_run_folder(
-        Path(cfg.out),
-        asdict(cfg),
-        resume,
-        RESUME_KEYS,
-        defaults={"holdout": 0.0, "ema": False},
-        path_keys=("data", "extra_data"),
+        Path(cfg.out), asdict(cfg), resume, RESUME_KEYS, defaults={"holdout": 0.0}, path_keys=("data", "extra_data")
     )
     first = json.loads((out / "run.json").read_text()).get("command") or cfg.command
     return out, replace(cfg, command=first)
