@@ -112,3 +112,31 @@ def test_every_batch_of_a_16_bit_series_is_windowed_with_the_whole_series_bounds
     got = detector.predict(study, select=False, explain=False, batch_size=4)
     whole = detector.slice_probabilities(to_unit(study.pixels, "grey16"))[:, detector.positive]
     np.testing.assert_allclose([s["p"] for s in got.result["slice_probabilities"]], whole, atol=1e-5)
+
+
+def test_ct_default_explains_from_its_linear_head_with_grad_cams_maps(detector):
+    """ct-default's logits are a linear layer on the average of its Grad-CAM layer, so after the first batch its
+    maps come from the forward pass alone: equal to Grad-CAM's on real slices, and no backward runs."""
+    import torch
+
+    from lungsight.explain import GradCAM
+    from lungsight.preprocess.window import to_unit
+
+    study = lungsight.load_study(EXAMPLE_CT)
+    x = detector.inputs(to_unit(study.pixels[40:52], study.intensity, tuple(detector.config["window"])))
+    head = detector.model.linear_head
+    assert head is not None
+    backward: list[int] = []
+    hook = head.register_full_backward_hook(lambda *_: backward.append(1))
+    try:
+        with detector.grad_cam() as fast, GradCAM(detector.model, detector.model.cam_layer) as full:
+            for k, batch in enumerate((x[:4], x[4:8], x[8:])):
+                want_logits, want = full.logits_and_maps(batch, detector.positive)
+                backward.clear()
+                got_logits, got = fast.logits_and_maps(batch, detector.positive)
+                assert backward == ([] if k else [1]) and fast.shortcut is True
+                torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+                assert float(want.amax()) > 0
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.amax()))
+    finally:
+        hook.remove()

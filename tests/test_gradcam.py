@@ -257,3 +257,38 @@ def test_save_overlay_layout_atomic_and_fast(tmp_path) -> None:
         save_overlay(big, cam, tmp_path / "big.png", caption="slice 0100 · p = 0.97")
         times.append(time.perf_counter() - t0)
     assert min(times) < 0.25  # about 40 ms on an idle core; generous because CI cores are shared
+
+
+def test_linear_head_shortcut_gives_grad_cams_maps_without_a_backward() -> None:
+    """Where the logits are a linear layer on the mean of the target's output, the maps come from the forward pass
+    alone after the first batch has shown them equal to Grad-CAM's."""
+    torch.manual_seed(5)
+    model = TinyCNN(inplace=False).eval()
+    backward: list[str] = []
+    model.fc.register_full_backward_hook(lambda *_: backward.append("fc"))
+    batches = [torch.rand(3, 1, 20, 20) for _ in range(3)]
+    with GradCAM(model, model.relu2, model.fc) as fast, GradCAM(model, model.relu2) as full:
+        assert fast.shortcut is None and full.shortcut is False
+        for k, x in enumerate(batches):
+            classes = [2, 0, 1]
+            want_logits, want = full.logits_and_maps(x, classes)
+            backward.clear()
+            got_logits, got = fast.logits_and_maps(x, classes)
+            assert backward == ([] if k else ["fc"])  # the first batch is Grad-CAM's, the others need no backward
+            assert fast.shortcut is True
+            torch.testing.assert_close(got_logits, want_logits)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert fast(batches[0], 1).shape == (3, 20, 20)
+
+
+@pytest.mark.parametrize("where", ["before the relu", "head of other width"])
+def test_linear_head_shortcut_refused_where_it_would_differ(where: str) -> None:
+    """A ReLU between the target and the pooling (or a head that does not fit the target) keeps Grad-CAM."""
+    torch.manual_seed(6)
+    model = TinyCNN(inplace=False).eval()
+    head = model.fc if where == "before the relu" else nn.Linear(5, 3)
+    x = torch.rand(2, 1, 20, 20) - 0.5
+    with GradCAM(model, model.target, head) as checked, GradCAM(model, model.target) as full:
+        for _ in range(2):
+            np.testing.assert_allclose(checked(x, 0), full(x, 0), atol=1e-7)
+        assert checked.shortcut is False

@@ -91,7 +91,7 @@ STAGES = {
     "read": "read",
     "select": "slice selection",
     "prepare": "windowing and resizing",
-    "classify": "the network's passes (forward and Grad-CAM's backward)",
+    "classify": "the network's passes (forward, and Grad-CAM's backward where it runs)",
     "explain": "top-k maps",
     "outputs": "outputs",
 }

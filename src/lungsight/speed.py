@@ -85,6 +85,7 @@ class OnDevice(nn.Module):
         self.inner = inner.to(device)
         self.device = device
         self.cam_layer = inner.cam_layer
+        self.linear_head = getattr(inner, "linear_head", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.to(self.device)).cpu()

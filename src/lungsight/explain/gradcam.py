@@ -4,6 +4,11 @@ This is the one place where lungsight hooks a network to read gradients (the onl
 :mod:`lungsight.evaluate.embedding`, reads a layer's features for the embedding plots). The map of a class
 c on a target layer with activations A_k is ReLU(sum_k w_k A_k), where w_k is the spatial mean of
 d logit_c / d A_k. Maps are upsampled to the input size and normalised per image by their maximum.
+
+When the logits are a linear layer on the spatial mean of A (global average pooling, then ``Linear``), that gradient
+is the layer's weight W_ck / (h w) at every position, so Grad-CAM is the class activation map of Zhou et al. (2016)
+and needs no backward pass. Given that layer, :class:`GradCAM` checks the equality on its first batch and then
+computes the maps from the forward pass alone (the "linear-head shortcut").
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ class GradCAM:
     :meth:`close` to remove the hook.
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module) -> None:
+    def __init__(self, model: nn.Module, target_layer: nn.Module, linear_head: nn.Linear | None = None) -> None:
         self.model = model
         self.target_layer = target_layer
+        # The shortcut: None until the first batch has compared it with Grad-CAM, then whether it held there.
+        self.linear_head = linear_head
+        self.shortcut: bool | None = None if linear_head is not None else False
         self._capturing = False
         self._activation: Tensor | None = None
         self._handle: RemovableHandle | None = target_layer.register_forward_hook(self._forward_hook)
@@ -63,6 +71,8 @@ class GradCAM:
         """
         if self._handle is None:
             raise RuntimeError("GradCAM has been closed")
+        if self.shortcut:
+            return self._linear_head_maps(x, class_idx)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("Grad-CAM needs gradients: call it outside torch.inference_mode()")
         if x.ndim != 4:
@@ -100,7 +110,50 @@ class GradCAM:
             raise ValueError(f"target layer output must be (N, K, h, w), got shape {tuple(activation.shape)}")
         weights = gradient.float().mean(dim=(2, 3), keepdim=True)
         raw = F.relu((weights * activation.float()).sum(dim=1))
+        if self.shortcut is None:
+            self.shortcut = self._shortcut_holds(logits.detach(), activation, cols, raw)
         return logits.detach(), raw
+
+    def _linear_maps(self, activation: Tensor, cols: Tensor) -> Tensor | None:
+        """ReLU(sum_k W_ck / (h w) A_k) for each image's class c, or None if the head cannot take ``activation``."""
+        head = self.linear_head
+        if head is None or activation.ndim != 4 or head.weight.shape[1] != activation.shape[1]:
+            return None
+        h, w = activation.shape[-2:]
+        weights = head.weight.detach()[cols].float() / (h * w)
+        return F.relu(torch.einsum("nk,nkhw->nhw", weights, activation.float()))
+
+    def _shortcut_holds(self, logits: Tensor, activation: Tensor, cols: Tensor, raw: Tensor) -> bool:
+        """Whether the linear head reproduces this batch's logits from the mean of ``activation`` and its maps equal
+        Grad-CAM's (to float rounding): then the layers after the target are the pooling and that head."""
+        maps = self._linear_maps(activation, cols)
+        if maps is None or self.linear_head is None or logits.shape[1] != self.linear_head.out_features:
+            return False
+        with torch.no_grad():
+            again = self.linear_head(activation.float().mean(dim=(2, 3))).to(logits.device)
+        scale = float(raw.abs().amax()) if raw.numel() else 0.0
+        return bool(
+            torch.allclose(again, logits.float(), rtol=1e-4, atol=1e-4)
+            and torch.allclose(maps, raw, rtol=1e-4, atol=1e-5 * max(scale, 1e-12))
+        )
+
+    def _linear_head_maps(self, x: Tensor, class_idx: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The shortcut: one forward pass without gradients, the maps from the target's output and the head."""
+        n = x.shape[0]
+        idx = [int(class_idx)] * n if isinstance(class_idx, int) else [int(c) for c in class_idx]
+        if len(idx) != n:
+            raise ValueError(f"{len(idx)} class indices for a batch of {n} images")
+        captured: list[Tensor] = []
+        handle = self.target_layer.register_forward_hook(lambda m, i, out: captured.append(out))
+        try:
+            with torch.inference_mode():
+                logits = self.model(x)
+                maps = self._linear_maps(captured[-1], torch.tensor(idx)) if captured else None
+        finally:
+            handle.remove()
+        if maps is None:
+            raise RuntimeError("the target layer's output no longer fits the linear head")
+        return logits, maps
 
     def close(self) -> None:
         """Remove the hooks from the target layer."""

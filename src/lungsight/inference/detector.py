@@ -186,10 +186,14 @@ class Detector:
     def _empty(self) -> np.ndarray:
         return np.zeros((0, len(self.classes)), np.float32)
 
+    def grad_cam(self) -> GradCAM:
+        """Grad-CAM on the model's layer, with its linear head for the shortcut where it has one (explain/gradcam)."""
+        return GradCAM(self.model, self.model.cam_layer, getattr(self.model, "linear_head", None))
+
     def explain(self, unit_slices: np.ndarray, class_idx: int | None = None) -> np.ndarray:
         """Grad-CAM maps of ``class_idx`` (default: the positive class), at the slices' own resolution."""
         cls = self.positive if class_idx is None else class_idx
-        with GradCAM(self.model, self.model.cam_layer) as cam:
+        with self.grad_cam() as cam:
             maps = cam(self.inputs(unit_slices), cls)
         return unfit_square(maps, unit_slices.shape[1], unit_slices.shape[2])
 
@@ -243,13 +247,14 @@ class Detector:
         explaining = explain and top_k > 0
         raw_maps: dict[int, torch.Tensor] = {}  # slice -> its raw Grad-CAM map, from the classifying pass
         prepared = _Waited(_prefetched(prepare, batches, ahead=spare_core()))
-        with GradCAM(self.model, self.model.cam_layer) if explaining else contextlib.nullcontext() as cam:
+        with self.grad_cam() if explaining else contextlib.nullcontext() as cam:
             for idx, x in prepared:
                 if cam is None:
                     probs[idx] = self._softmax(x)
                     continue
                 # One pass classifies and explains: the backward runs through the layers after Grad-CAM's
-                # target only, and the raw maps are tiny, so the slices shown need no second pass.
+                # target only (or not at all, with the linear-head shortcut), and the raw maps are tiny, so the
+                # slices shown need no second pass.
                 logits, raw = cam.logits_and_maps(x, self.positive)
                 probs[idx] = torch.softmax(logits, dim=1).numpy()
                 raw_maps.update(zip(idx, raw, strict=True))

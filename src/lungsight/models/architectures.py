@@ -21,6 +21,12 @@ class CamMixin:
     def cam_layer(self) -> nn.Module:
         return self.get_submodule(self.cam_path)  # type: ignore[attr-defined]
 
+    @property
+    def linear_head(self) -> nn.Linear | None:
+        """The final linear layer, where the logits may be that layer on the spatial mean of ``cam_layer``'s output
+        (Grad-CAM then needs no backward pass; :class:`lungsight.explain.GradCAM` checks it before relying on it)."""
+        return None
+
 
 class VGG16Head(CamMixin, nn.Module):
     """Paper 000: VGG16 convolutional base + AvgPool 2x2 -> Flatten -> Dense 64 ReLU -> Dropout 0.5 -> Dense.
@@ -142,6 +148,12 @@ class TimmClassifier(CamMixin, nn.Module):
         )
         self.cam_path = f"net.{cam_layer}"
         self.get_submodule(self.cam_path)  # fail early on a wrong layer name
+
+    @property
+    def linear_head(self) -> nn.Linear | None:
+        head, pool = self.net.get_classifier(), getattr(self.net, "global_pool", None)
+        averaged = getattr(pool, "pool_type", None) == "avg"
+        return head if isinstance(head, nn.Linear) and averaged else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
