@@ -71,16 +71,16 @@ class GradCAM:
         """
         if self._handle is None:
             raise RuntimeError("GradCAM has been closed")
-        if self.shortcut:
-            return self._linear_head_maps(x, class_idx)
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("Grad-CAM needs gradients: call it outside torch.inference_mode()")
         if x.ndim != 4:
             raise ValueError(f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
         n = x.shape[0]
         idx = [int(class_idx)] * n if isinstance(class_idx, int) else [int(c) for c in class_idx]
         if len(idx) != n:
             raise ValueError(f"{len(idx)} class indices for a batch of {n} images")
+        if self.shortcut:
+            return self._linear_head_maps(x, idx)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Grad-CAM needs gradients: call it outside torch.inference_mode()")
 
         self._activation = None
         self._capturing = True
@@ -137,12 +137,8 @@ class GradCAM:
             and torch.allclose(maps, raw, rtol=1e-4, atol=1e-5 * max(scale, 1e-12))
         )
 
-    def _linear_head_maps(self, x: Tensor, class_idx: int | Sequence[int]) -> tuple[Tensor, Tensor]:
+    def _linear_head_maps(self, x: Tensor, idx: list[int]) -> tuple[Tensor, Tensor]:
         """The shortcut: one forward pass without gradients, the maps from the target's output and the head."""
-        n = x.shape[0]
-        idx = [int(class_idx)] * n if isinstance(class_idx, int) else [int(c) for c in class_idx]
-        if len(idx) != n:
-            raise ValueError(f"{len(idx)} class indices for a batch of {n} images")
         captured: list[Tensor] = []
         handle = self.target_layer.register_forward_hook(lambda m, i, out: captured.append(out))
         try:
