@@ -46,6 +46,11 @@ class GradCAM:
     def _forward_hook(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> Tensor | None:
         if not self._capturing or not isinstance(output, Tensor) or not output.is_floating_point():
             return None
+        if self.shortcut:
+            # No gradient: the output as it is. An in-place op after the layer would change it, but then the first
+            # batch's check failed (its logits differ from the head's on the stored output): not reached.
+            self._activation = output
+            return None
         # A layer that runs more than once per forward pass: the last call is the one explained.
         self._activation = output.detach().requires_grad_(True)
         torch.set_grad_enabled(True)
@@ -108,8 +113,7 @@ class GradCAM:
         activation = activation.detach()
         if activation.ndim != 4:
             raise ValueError(f"target layer output must be (N, K, h, w), got shape {tuple(activation.shape)}")
-        weights = gradient.float().mean(dim=(2, 3), keepdim=True)
-        raw = F.relu((weights * activation.float()).sum(dim=1))
+        raw = _weighted_maps(gradient.float().mean(dim=(2, 3)), activation)
         if self.shortcut is None:
             self.shortcut = self._shortcut_holds(logits.detach(), activation, cols, raw)
         return logits.detach(), raw
@@ -120,8 +124,7 @@ class GradCAM:
         if head is None or activation.ndim != 4 or head.weight.shape[1] != activation.shape[1]:
             return None
         h, w = activation.shape[-2:]
-        weights = head.weight.detach()[cols].float() / (h * w)
-        return F.relu(torch.einsum("nk,nkhw->nhw", weights, activation.float()))
+        return _weighted_maps(head.weight.detach()[cols].float() / (h * w), activation)
 
     def _shortcut_holds(self, logits: Tensor, activation: Tensor, cols: Tensor, raw: Tensor) -> bool:
         """Whether the linear head reproduces this batch's logits from the mean of ``activation`` and its maps equal
@@ -139,14 +142,16 @@ class GradCAM:
 
     def _linear_head_maps(self, x: Tensor, idx: list[int]) -> tuple[Tensor, Tensor]:
         """The shortcut: one forward pass without gradients, the maps from the target's output and the head."""
-        captured: list[Tensor] = []
-        handle = self.target_layer.register_forward_hook(lambda m, i, out: captured.append(out))
+        self._activation = None
+        self._capturing = True
         try:
             with torch.inference_mode():
                 logits = self.model(x)
-                maps = self._linear_maps(captured[-1], torch.tensor(idx)) if captured else None
+                activation = self._activation
+                maps = None if activation is None else self._linear_maps(activation, torch.tensor(idx))
         finally:
-            handle.remove()
+            self._capturing = False
+            self._activation = None
         if maps is None:
             raise RuntimeError("the target layer's output no longer fits the linear head")
         return logits, maps
@@ -164,6 +169,11 @@ class GradCAM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _weighted_maps(weights: Tensor, activation: Tensor) -> Tensor:
+    """ReLU(sum_k w_nk A_nk) for each image n: weights (N, K), activations (N, K, h, w) -> raw maps (N, h, w)."""
+    return F.relu((weights[:, :, None, None] * activation.float()).sum(dim=1))
 
 
 def finish_maps(raw: Tensor, size: tuple[int, int]) -> np.ndarray:
